@@ -1,0 +1,1 @@
+"""Example agents for the demo: deterministic code, no model calls."""

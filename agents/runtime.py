@@ -1,0 +1,128 @@
+"""Run an Agent as a service: pull deliveries, run handlers, publish outputs, then ack.
+
+A delivery is acked only after every output its handler produced was acked by the intake
+stream, so a crash before the ack redelivers it and the same output ids are republished.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+
+from agents.sdk import Agent, Context
+from bus.client import Bus, BusError, BusSettings, Inbound, open_bus
+from bus.topology import agent_consumer, streams
+from schemas import Codec, Envelope, MalformedMessageError, Subjects
+
+log = logging.getLogger("ledgermesh.agent")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    nats_url: str
+    subjects: Subjects = Subjects()
+    concurrency: int | None = None  # default: the Agent's own
+    clock: Callable[[], datetime] = utc_now
+
+
+class _IntakeOutbox:
+    """Publishes a handler's outputs to the agent's own intake subject."""
+
+    def __init__(self, bus: Bus, subject: str, codec: Codec) -> None:
+        self._bus = bus
+        self._subject = subject
+        self._codec = codec
+
+    async def send(self, envelope: Envelope) -> None:
+        await self._bus.publish(self._subject, self._codec.encode(envelope), msg_id=envelope.id)
+
+
+@dataclass
+class _Counters:
+    handled: int = 0
+    failed: int = 0
+    last_error: str | None = None
+
+
+async def run_agent(agent: Agent, settings: AgentSettings, *,
+                    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    subjects = settings.subjects
+    codec = Codec()
+    counters = _Counters()
+    concurrency = settings.concurrency or agent.concurrency
+    consumer = agent_consumer(subjects, agent.name)
+    bus_settings = BusSettings(url=settings.nats_url, name=subjects.service(agent.name))
+    async with open_bus(bus_settings) as bus:
+        try:
+            # Usually the coordinator made these already; creating them again is a no-op.
+            await bus.ensure_streams(streams(subjects))
+            await bus.ensure_consumer(consumer)
+        except BusError as exc:
+            log.info("%s: not creating streams (%s); expecting the coordinator to", agent.name, exc)
+        outbox = _IntakeOutbox(bus, subjects.intake(agent.name), codec)
+        send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=concurrency)
+        async with anyio.create_task_group() as tg:
+            await tg.start(bus.serve_pull, consumer, send)
+            for _ in range(concurrency):
+                tg.start_soon(_work, agent, receive.clone(), outbox, codec, settings.clock,
+                              counters)
+            receive.close()
+
+            def status() -> bytes:
+                return msgspec.json.encode({"agent": agent.name, "connected": bus.connected,
+                                            "handled": counters.handled,
+                                            "failed": counters.failed,
+                                            "last_error": counters.last_error})
+
+            await bus.add_service(subjects.service(agent.name), agent.version,
+                                  agent.description or agent.name,
+                                  {"agent": agent.name, "prefix": subjects.prefix,
+                                   "handles": ",".join(t.__name__ for t in agent.handlers)},
+                                  status)
+            log.info("%s ready (%d workers)", agent.name, concurrency)
+            task_status.started()
+
+
+async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
+                outbox: _IntakeOutbox, codec: Codec, clock: Callable[[], datetime],
+                counters: _Counters) -> None:
+    async with receive:
+        async for message in receive:
+            try:
+                delivery = codec.decode_delivery(message.data, message.subject)
+            except MalformedMessageError as exc:
+                log.error("%s: dropping an unreadable delivery: %s", agent.name, exc)
+                await message.ack()
+                continue
+            ctx = Context(agent.name, delivery, outbox, clock)
+            body = delivery.envelope.body
+            handler = agent.handler_for(body)
+            try:
+                if handler is None:
+                    await ctx.fail(f"{agent.name} has no handler for {type(body).__name__}")
+                else:
+                    await handler(ctx, body)
+                counters.handled += 1
+            except BusError as exc:
+                # Outputs not stored: leave the delivery unacked so it comes again (same
+                # output ids, so whatever did get stored is deduplicated).
+                counters.last_error = str(exc)
+                log.warning("%s: task %s not acked: %s", agent.name, delivery.task_id, exc)
+                continue
+            except Exception as exc:  # a handler bug must become a recorded failure
+                counters.failed += 1
+                counters.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("%s: handler failed on task %s", agent.name, delivery.task_id)
+                if not ctx.finished:
+                    await ctx.fail(f"{type(exc).__name__}: {exc}", retryable=True)
+            await message.ack()

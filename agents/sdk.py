@@ -1,0 +1,167 @@
+"""``Agent`` (handlers by body type) and ``Context`` (what a handler may say).
+
+Output ids are deterministic — the n-th output of a delivery is always the same uuid5 —
+so a crash and redelivery republishes the same ids and the duplicates are dropped by
+JetStream's and the ledger's deduplication.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+from uuid import UUID, uuid5
+
+from schemas import (
+    Body,
+    Complete,
+    Delivery,
+    Envelope,
+    Fail,
+    HandoffDecision,
+    HandoffRequest,
+    LedgermeshError,
+    Say,
+    SubmitTask,
+    is_token,
+)
+
+_NS_OUTPUT = UUID("3c9f1a7e-5b2d-5f4e-8a6c-7d8e9f0a1b2c")
+
+B = TypeVar("B", SubmitTask, HandoffRequest, HandoffDecision)
+Handler = Callable[["Context", Any], Awaitable[None]]
+
+
+class AgentLoadError(LedgermeshError):
+    """``module:attr`` does not name an Agent."""
+
+
+class Outbox(Protocol):
+    """Where a Context sends what it says: the runtime publishes it to intake."""
+
+    async def send(self, envelope: Envelope) -> None: ...
+
+
+class Agent:
+    """An agent's name and its handlers, one per delivered body type."""
+
+    def __init__(self, name: str, *, description: str = "", version: str = "0.1.0",
+                 concurrency: int = 8) -> None:
+        if not is_token(name):
+            raise ValueError(f"agent name must be letters, digits, '-' or '_': {name!r}")
+        self.name = name
+        self.description = description
+        self.version = version
+        self.concurrency = concurrency
+        self.handlers: dict[type[Any], Handler] = {}
+
+    def on(self, body_type: type[B]) -> Callable[[Callable[[Context, B], Awaitable[None]]],
+                                                 Callable[[Context, B], Awaitable[None]]]:
+        """Register the handler for deliveries whose envelope carries ``body_type``."""
+        if body_type not in (SubmitTask, HandoffRequest, HandoffDecision):
+            raise TypeError(f"agents receive SubmitTask, HandoffRequest or HandoffDecision, "
+                            f"not {body_type.__name__}")
+
+        def register(fn: Callable[[Context, B], Awaitable[None]]) -> Callable[[Context, B], Awaitable[None]]:
+            self.handlers[body_type] = fn
+            return fn
+
+        return register
+
+    def handler_for(self, body: Body) -> Handler | None:
+        return self.handlers.get(type(body))
+
+    def __repr__(self) -> str:
+        return f"Agent({self.name!r}, handles={[t.__name__ for t in self.handlers]})"
+
+
+class Context:
+    """The task as this agent sees it, and the only way a handler speaks."""
+
+    def __init__(self, agent: str, delivery: Delivery, outbox: Outbox,
+                 clock: Callable[[], datetime]) -> None:
+        self.agent = agent
+        self.delivery = delivery
+        self._outbox = outbox
+        self._clock = clock
+        self._count = 0
+        self.finished = False  # completed, failed or declined: nothing more to say
+
+    @property
+    def task_id(self) -> str:
+        return self.delivery.task_id
+
+    @property
+    def title(self) -> str:
+        return self.delivery.title
+
+    @property
+    def input(self) -> dict[str, Any]:
+        return self.delivery.input
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.delivery.labels
+
+    async def say(self, text: str) -> None:
+        await self._send(Say(text=text))
+
+    async def handoff(self, to: str, payload: dict[str, Any] | None = None, *,
+                      reason: str) -> None:
+        await self._send(HandoffRequest(to=to, reason=reason, payload=payload or {}))
+        self.finished = True
+
+    async def accept(self) -> None:
+        """Accept a handoff explicitly (any other output accepts it implicitly)."""
+        await self._send(HandoffDecision(accept=True))
+
+    async def decline(self, reason: str) -> None:
+        """Decline a handoff: the task goes back to the agent that offered it."""
+        await self._send(HandoffDecision(accept=False, reason=reason))
+        self.finished = True
+
+    async def complete(self, result: str, payload: dict[str, Any] | None = None) -> None:
+        await self._send(Complete(result=result, payload=payload or {}))
+        self.finished = True
+
+    async def fail(self, reason: str, *, retryable: bool = False) -> None:
+        await self._send(Fail(reason=reason, retryable=retryable))
+        self.finished = True
+
+    def output_id(self, n: int) -> str:
+        return str(uuid5(_NS_OUTPUT, f"{self.delivery.id}:{n}"))
+
+    async def _send(self, body: Body) -> None:
+        if self.finished:
+            raise RuntimeError(f"task {self.task_id}: {self.agent} already handed it on "
+                               "or finished it; nothing more may be said")
+        self._count += 1
+        envelope = Envelope(
+            id=self.output_id(self._count),
+            sender=self.agent,
+            task_id=self.task_id,
+            sent_at=self._clock(),
+            body=body,
+            causation_id=self.delivery.envelope.id,
+            trace=self.delivery.envelope.trace,
+            labels=self.delivery.labels,
+            attempt=self.delivery.attempt,
+        )
+        await self._outbox.send(envelope)
+
+
+def load_agent(spec: str) -> Agent:
+    """Import ``module:attr`` and return the Agent it names."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise AgentLoadError(f"expected module:attr (e.g. agents.examples.support:triage), got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AgentLoadError(f"cannot import {module_name!r}: {exc}") from exc
+    agent = getattr(module, attr, None)
+    if not isinstance(agent, Agent):
+        found = "nothing" if agent is None else type(agent).__name__
+        raise AgentLoadError(f"{spec} is {found}, not an Agent")
+    return agent

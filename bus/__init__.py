@@ -1,0 +1,1 @@
+"""Message bus: NATS JetStream connectivity and an embedded server for dev/tests."""

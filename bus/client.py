@@ -1,0 +1,331 @@
+"""The one module that speaks nats-py: connection, JetStream publish, pull, observe.
+
+Everything above this module sees ``Bus`` and ``Inbound``; nothing else imports nats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import nats
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+
+from bus.topology import DEDUP_WINDOW_S, ConsumerSpec, StreamSpec
+from schemas import LedgermeshError
+
+log = logging.getLogger("ledgermesh.bus")
+
+MSG_ID = "Nats-Msg-Id"
+EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
+
+
+class BusError(LedgermeshError):
+    """NATS cannot be reached, or refused a request."""
+
+
+@dataclass(frozen=True)
+class BusSettings:
+    url: str
+    name: str
+    request_timeout: float = 5.0
+    nkey_seed: str | None = None
+    inbox_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class PubAck:
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+@dataclass
+class Inbound:
+    """A message pulled from a durable consumer; ack it once it is safely handled."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    stream_seq: int
+    delivered: int  # how many times the server has delivered it (1 = first time)
+    _msg: Msg = field(repr=False)
+
+    @property
+    def msg_id(self) -> str | None:
+        return self.headers.get(MSG_ID)
+
+    async def ack(self) -> None:
+        await self._msg.ack()
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self._msg.nak(delay=delay)
+
+    async def in_progress(self) -> None:
+        await self._msg.in_progress()
+
+
+@dataclass(frozen=True)
+class Observed:
+    """A message seen by an observer of a stream (no ack needed)."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    stream_seq: int
+
+
+class Bus:
+    """A NATS connection with the JetStream operations ledgermesh needs."""
+
+    def __init__(self, nc: Client, settings: BusSettings) -> None:
+        self._nc = nc
+        self._js = nc.jetstream(timeout=settings.request_timeout)
+        self.settings = settings
+
+    @property
+    def connected(self) -> bool:
+        return self._nc.is_connected
+
+    @property
+    def server_version(self) -> str:
+        return str(self._nc.connected_server_version)
+
+    # -- topology ---------------------------------------------------------------
+    async def ensure_streams(self, specs: Sequence[StreamSpec]) -> None:
+        """Create the streams that do not exist; existing ones are left as they are."""
+        for spec in specs:
+            try:
+                await self._js.stream_info(spec.name)
+                continue
+            except nats.js.errors.NotFoundError:
+                pass
+            except (nats.errors.TimeoutError, TimeoutError) as exc:
+                raise BusError(f"cannot read stream {spec.name}: no answer from NATS "
+                               "(is JetStream enabled, and are you allowed to?)") from exc
+            config = api.StreamConfig(
+                name=spec.name,
+                subjects=list(spec.subjects),
+                retention=api.RetentionPolicy(spec.retention),
+                storage=api.StorageType.FILE,
+                duplicate_window=DEDUP_WINDOW_S,
+                deny_delete=spec.deny_delete,
+                deny_purge=spec.deny_delete,
+                max_msg_size=spec.max_msg_size,
+            )
+            await self._call(self._js.add_stream(config), f"create stream {spec.name}")
+
+    async def ensure_consumer(self, spec: ConsumerSpec) -> None:
+        config = api.ConsumerConfig(
+            durable_name=spec.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            filter_subject=spec.filter_subject,
+            ack_wait=spec.ack_wait_s,
+            max_ack_pending=spec.max_ack_pending,
+            max_deliver=-1,
+        )
+        await self._call(self._js.add_consumer(spec.stream, config),
+                         f"create consumer {spec.durable} on {spec.stream}")
+
+    async def _call(self, coro: Awaitable[Any], what: str) -> Any:
+        try:
+            return await coro
+        except nats.js.errors.APIError as exc:
+            raise BusError(f"cannot {what}: {exc.description}") from exc
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise BusError(f"cannot {what}: no answer from NATS (is JetStream enabled, "
+                           "and are you allowed to?)") from exc
+
+    # -- publishing -------------------------------------------------------------
+    async def publish(self, subject: str, data: bytes, *, msg_id: str,
+                      expected_last_msg_id: str | None = None) -> PubAck:
+        """Publish to a stream and wait for its ack; safe to retry with the same id."""
+        headers = {MSG_ID: msg_id}
+        if expected_last_msg_id is not None:
+            headers[EXPECTED_LAST_MSG_ID] = expected_last_msg_id
+        try:
+            ack = await self._js.publish(subject, data, headers=headers)
+        except nats.js.errors.APIError as exc:
+            raise BusError(f"publish to {subject} refused: {exc.description}") from exc
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                nats.js.errors.NoStreamResponseError) as exc:
+            raise BusError(f"publish to {subject}: no stream answered") from exc
+        return PubAck(ack.stream, ack.seq, bool(ack.duplicate))
+
+    async def publish_all(self, items: Sequence[tuple[str, bytes, dict[str, str]]],
+                          timeout: float = 10.0) -> list[PubAck]:
+        """Publish many messages pipelined; return their acks in order."""
+        futures = [await self._js.publish_async(subject, data, headers=dict(headers))
+                   for subject, data, headers in items]
+        acks: list[PubAck] = []
+        with anyio.fail_after(timeout):  # publish_async futures have no timeout of their own
+            for future, (subject, _, _) in zip(futures, items, strict=True):
+                try:
+                    ack = await future
+                except nats.js.errors.APIError as exc:
+                    raise BusError(f"publish to {subject} refused: {exc.description}") from exc
+                acks.append(PubAck(ack.stream, ack.seq, bool(ack.duplicate)))
+        return acks
+
+    async def last_msg_id(self, stream: str) -> str | None:
+        """The Nats-Msg-Id of the newest message in ``stream``, or None if it is empty."""
+        info = await self._call(self._js.stream_info(stream), f"read stream {stream}")
+        if not info.state.messages:
+            return None
+        msg = await self._call(self._js.get_msg(stream, seq=info.state.last_seq),
+                               f"read stream {stream}")
+        headers = msg.headers or {}
+        return headers.get(MSG_ID)
+
+    # -- consuming --------------------------------------------------------------
+    async def serve_pull(self, spec: ConsumerSpec, out: MemoryObjectSendStream[Inbound], *,
+                         batch: int = 256, expires: float = 5.0,
+                         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep pull requests outstanding on a durable consumer, forwarding into ``out``.
+
+        At most ``2 * batch`` messages are requested at once, and ``out`` is bounded, so a
+        slow reader slows the pulling instead of losing messages. Requests carry their own
+        inbox token so each is accounted for exactly; a request the server forgot (it
+        restarted) expires on our side too, and a new one is issued.
+        """
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(f"{inbox}.*")
+        next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
+        pending: dict[str, list[float]] = {}  # token -> [messages still owed, deadline]
+        counter = 0
+        task_status.started()
+        try:
+            while True:
+                owed = sum(int(p[0]) for p in pending.values())
+                if owed <= batch and len(pending) < 4 and self._nc.is_connected:
+                    counter += 1
+                    token = str(counter)
+                    request = {"batch": batch, "expires": int(expires * 1e9)}
+                    await self._nc.publish(next_subject, json.dumps(request).encode(),
+                                           reply=f"{inbox}.{token}")
+                    pending[token] = [batch, time.monotonic() + expires + 1.0]
+                    continue
+                now = time.monotonic()
+                wait = min((p[1] for p in pending.values()), default=now + 0.5) - now
+                try:
+                    msg = await sub.next_msg(timeout=max(wait, 0.01))
+                except nats.errors.TimeoutError:
+                    now = time.monotonic()
+                    for token in [t for t, p in pending.items() if p[1] <= now]:
+                        del pending[token]
+                    continue
+                token = msg.subject.rsplit(".", 1)[-1]
+                status = (msg.headers or {}).get("Status")
+                if status is not None:
+                    if status != "100":  # 100 is a heartbeat; anything else ends the request
+                        pending.pop(token, None)
+                    if status == "503":  # no such consumer (yet): wait for its creator
+                        await anyio.sleep(0.5)
+                    continue
+                owed_here = pending.get(token)
+                if owed_here is not None:
+                    owed_here[0] -= 1
+                    if owed_here[0] <= 0:
+                        del pending[token]
+                meta = msg.metadata
+                await out.send(Inbound(subject=msg.subject, data=msg.data,
+                                       headers=dict(msg.headers or {}),
+                                       stream_seq=meta.sequence.stream,
+                                       delivered=meta.num_delivered, _msg=msg))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
+    async def serve_observe(self, stream: str, subject: str, out: MemoryObjectSendStream[Observed],
+                            *, from_start: bool,
+                            task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Follow ``subject`` in ``stream`` with an ordered (flow-controlled) consumer."""
+        policy = api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW
+        sub = await self._js.subscribe(subject, stream=stream, ordered_consumer=True,
+                                       deliver_policy=policy)
+        task_status.started()
+        try:
+            async for msg in sub.messages:
+                meta = msg.metadata
+                await out.send(Observed(msg.subject, msg.data, dict(msg.headers or {}),
+                                        meta.sequence.stream))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
+    async def consumer_pending(self, spec: ConsumerSpec) -> int:
+        info = await self._call(self._js.consumer_info(spec.stream, spec.durable),
+                                f"read consumer {spec.durable}")
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    # -- discovery ----------------------------------------------------------------
+    async def add_service(self, name: str, version: str, description: str,
+                          metadata: dict[str, str],
+                          status: Callable[[], bytes]) -> None:
+        """Register with the NATS micro API (``nats micro ls``), with a status endpoint."""
+        from nats.micro import add_service  # local: only services need it
+        from nats.micro.service import EndpointConfig, Request
+
+        service = await add_service(self._nc, name=name, version=version,
+                                    description=description, metadata=metadata)
+
+        async def handle(request: Request) -> None:
+            await request.respond(status())
+
+        await service.add_endpoint(EndpointConfig(name="status", handler=handle))
+
+
+@asynccontextmanager
+async def open_bus(settings: BusSettings,
+                   on_event: Callable[[str], None] | None = None) -> AsyncIterator[Bus]:
+    """Connect (reconnecting forever), yield a Bus, drain on exit."""
+
+    def note(text: str) -> None:
+        log.info("%s: %s", settings.name, text)
+        if on_event is not None:
+            on_event(text)
+
+    async def error_cb(exc: Exception) -> None:
+        note(f"error: {exc}")
+
+    async def disconnected_cb() -> None:
+        note("disconnected")
+
+    async def reconnected_cb() -> None:
+        note("reconnected")
+
+    options: dict[str, Any] = {}
+    if settings.nkey_seed is not None:
+        options["nkeys_seed_str"] = settings.nkey_seed
+    if settings.inbox_prefix is not None:
+        options["inbox_prefix"] = settings.inbox_prefix
+    try:
+        nc = await nats.connect(
+            settings.url, name=settings.name, max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5, allow_reconnect=True, connect_timeout=settings.request_timeout,
+            error_cb=error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
+            **options,
+        )
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise BusError(f"cannot connect to NATS at {settings.url}: {exc or type(exc).__name__}") from exc
+    try:
+        yield Bus(nc, settings)
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                await nc.drain()
+            except Exception:  # closing anyway: a failed drain must not mask the real error
+                await nc.close()

@@ -1,0 +1,50 @@
+"""The streams and consumers of DESIGN.md §3, as plain data (no nats-py here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from schemas import Subjects
+
+DEDUP_WINDOW_S = 120.0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    retention: Literal["limits", "workqueue"]
+    deny_delete: bool = False
+    max_msg_size: int = -1
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subject: str
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 10_000
+
+
+def streams(subjects: Subjects, max_msg_size: int = -1) -> tuple[StreamSpec, ...]:
+    return (
+        # Everything said, deduplicated by Nats-Msg-Id within the window.
+        StreamSpec(subjects.intake_stream, (subjects.intake_all,), "limits",
+                   max_msg_size=max_msg_size),
+        # Deliveries: a work queue, one durable consumer per agent name.
+        StreamSpec(subjects.deliver_stream, (subjects.deliver_all,), "workqueue"),
+        # The relayed ledger: nobody may delete or purge it.
+        StreamSpec(subjects.ledger_stream, (subjects.ledger_all,), "limits", deny_delete=True),
+    )
+
+
+def coordinator_consumer(subjects: Subjects) -> ConsumerSpec:
+    return ConsumerSpec(subjects.intake_stream, subjects.coordinator_consumer,
+                        subjects.intake_all)
+
+
+def agent_consumer(subjects: Subjects, agent: str, ack_wait_s: float = 30.0) -> ConsumerSpec:
+    return ConsumerSpec(subjects.deliver_stream, subjects.agent_consumer(agent),
+                        subjects.deliver(agent), ack_wait_s=ack_wait_s, max_ack_pending=1_000)

@@ -1,0 +1,65 @@
+"""Intake: pull from the intake stream, record each batch in one transaction, then ack.
+
+Acks follow the commit, never precede it: a crash in between redelivers the batch, and the
+tracking position recorded with the events turns the redelivery into a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+from anyio.abc import TaskStatus
+
+from bus.client import Bus, Inbound
+from bus.topology import coordinator_consumer
+from coordinator.health import Health
+from coordinator.ledger.writer import IntakeMessage, LedgerWriter
+from coordinator.signals import Doorbell
+from schemas import Subjects
+
+log = logging.getLogger("ledgermesh.coordinator.intake")
+
+
+async def serve_intake(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLimiter,
+                       subjects: Subjects, relay: Doorbell, health: Health,
+                       batch_max: int = 256, *,
+                       task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=batch_max * 2)
+    async with anyio.create_task_group() as tg, receive:
+        await tg.start(bus.serve_pull, coordinator_consumer(subjects), send)
+        task_status.started()
+        while True:
+            batch = [await receive.receive()]
+            # Group commit: take whatever else is already waiting, up to batch_max.
+            while len(batch) < batch_max:
+                try:
+                    batch.append(receive.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            await _record_until_stored(batch, writer, limiter, health)
+            for message in batch:
+                await message.ack()
+            relay.ring()
+
+
+async def _record_until_stored(batch: list[Inbound], writer: LedgerWriter,
+                               limiter: anyio.CapacityLimiter, health: Health) -> None:
+    """Record the batch, retrying with backoff while the ledger cannot be written.
+
+    Nothing is acked meanwhile, so the messages wait in the intake stream.
+    """
+    messages = [IntakeMessage(m.stream_seq, m.subject, m.data, m.msg_id) for m in batch]
+    delay = 0.1
+    while True:
+        try:
+            recorded = await anyio.to_thread.run_sync(writer.record, messages, limiter=limiter)
+        except Exception as exc:  # the ledger's driver errors vary by backend
+            health.ledger_error(f"{type(exc).__name__}: {exc}")
+            log.error("cannot record %d intake messages (retrying in %.1fs): %s",
+                      len(messages), delay, exc)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        health.recorded(len(recorded.events), writer.position)
+        return

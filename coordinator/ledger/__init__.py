@@ -1,0 +1,1 @@
+"""The ledger: an eventsourcing application whose events form per-aggregate hash chains."""

@@ -1,0 +1,151 @@
+"""Recorded events and their hash chain.
+
+Every event is one ``LedgerEvent``: common provenance fields (who said it, when it was
+sent and recorded, the raw envelope bytes as received) plus ``data`` for its kind. The
+event's ``hash`` is ``sha256(prev_hash || canonical(every other stored field))``, so
+editing any stored byte — the raw envelope included — breaks the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from uuid import UUID, uuid5
+
+from schemas import canonical
+
+GENESIS = "0" * 64
+
+# Fixed namespaces: aggregate ids and delivery ids are derived, never random, so the
+# same input always yields the same ledger.
+_NS_TASK = UUID("6d1f3d0e-8a57-5b6c-9d0e-4c1a2b3c4d5e")
+_NS_PRINCIPAL = UUID("0b7c5a2e-3f41-5d8e-a6b9-1c2d3e4f5a6b")
+_NS_DELIVERY = UUID("9a4e2c1b-7d3f-5e6a-8b9c-0d1e2f3a4b5c")
+
+
+class Kind(StrEnum):
+    """What happened. Facts in the past tense; the wire tag is lowercase and dotted."""
+
+    SUBMITTED = "task.submitted"
+    ASSIGNED = "task.assigned"
+    SAID = "message.said"
+    HANDOFF_REQUESTED = "handoff.requested"
+    HANDOFF_ACCEPTED = "handoff.accepted"
+    HANDOFF_DECLINED = "handoff.declined"
+    COMPLETED = "task.completed"
+    FAILED = "task.failed"
+    REJECTED = "message.rejected"
+
+
+class Aggregate(StrEnum):
+    TASK = "task"
+    PRINCIPAL = "principal"
+
+
+def task_aggregate_id(task_id: str) -> UUID:
+    return uuid5(_NS_TASK, task_id)
+
+
+def principal_aggregate_id(principal: str) -> UUID:
+    return uuid5(_NS_PRINCIPAL, principal)
+
+
+def delivery_id(cause_msg_id: str, agent: str) -> str:
+    """The id of the delivery an assignment produces: one per (cause, agent), stable."""
+    return str(uuid5(_NS_DELIVERY, f"{cause_msg_id}:{agent}"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Provenance:
+    """Where a recorded event came from: the intake message that caused it."""
+
+    msg_id: str
+    sender: str
+    sent_at: str | None = None
+    causation_id: str | None = None
+    trace: str | None = None
+    raw: str = ""  # base64 of the envelope bytes exactly as received; "" on decisions
+
+
+@dataclass(frozen=True, kw_only=True)
+class Draft:
+    """An event decided but not yet placed in its aggregate's sequence."""
+
+    aggregate: Aggregate
+    key: str  # task id or principal name
+    kind: Kind
+    data: dict[str, Any]
+    provenance: Provenance
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerEvent:
+    """One stored event. eventsourcing's mapper stores ``vars()`` of it."""
+
+    originator_id: UUID
+    originator_version: int
+    aggregate: str
+    key: str
+    kind: str
+    data: dict[str, Any]
+    msg_id: str
+    sender: str
+    sent_at: str | None
+    recorded_at: str
+    causation_id: str | None
+    trace: str | None
+    raw: str
+    prev_hash: str
+    hash: str = field(default="")
+
+
+TOPIC = f"{LedgerEvent.__module__}:{LedgerEvent.__qualname__}"
+
+
+def chain_hash(
+    prev_hash: str, aggregate_id: UUID | str, version: int, topic: str, state: dict[str, Any]
+) -> str:
+    """The hash of one stored event; ``state`` is every stored field except ``hash``."""
+    body = canonical(
+        {"aggregate_id": str(aggregate_id), "version": version, "topic": topic, "state": state}
+    )
+    return hashlib.sha256(bytes.fromhex(prev_hash) + body).hexdigest()
+
+
+def stamp(draft: Draft, *, version: int, prev_hash: str, recorded_at: str) -> LedgerEvent:
+    """Place a draft in its sequence and seal it into the chain."""
+    aggregate_id = (
+        task_aggregate_id(draft.key)
+        if draft.aggregate is Aggregate.TASK
+        else principal_aggregate_id(draft.key)
+    )
+    p = draft.provenance
+    unsealed = LedgerEvent(
+        originator_id=aggregate_id,
+        originator_version=version,
+        aggregate=draft.aggregate.value,
+        key=draft.key,
+        kind=draft.kind.value,
+        data=draft.data,
+        msg_id=p.msg_id,
+        sender=p.sender,
+        sent_at=p.sent_at,
+        recorded_at=recorded_at,
+        causation_id=p.causation_id,
+        trace=p.trace,
+        raw=p.raw,
+        prev_hash=prev_hash,
+    )
+    state = stored_state(unsealed)
+    del state["hash"]
+    digest = chain_hash(prev_hash, aggregate_id, version, TOPIC, state)
+    return LedgerEvent(**{**vars(unsealed), "hash": digest})
+
+
+def stored_state(event: LedgerEvent) -> dict[str, Any]:
+    """Exactly the fields eventsourcing's mapper stores as the event's state."""
+    state = dict(vars(event))
+    del state["originator_id"], state["originator_version"]
+    return state

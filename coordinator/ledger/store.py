@@ -1,0 +1,122 @@
+"""The ledger's persistence: the one module that configures eventsourcing.
+
+``open_ledger("path/ledger.db")`` opens (or creates) a SQLite file;
+``open_ledger("postgresql://user@host:5432/db")`` a PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+from uuid import UUID
+
+import msgspec
+from eventsourcing.application import Application, ProcessingEvent
+from eventsourcing.persistence import Notification, ProcessRecorder, Tracking, Transcoder
+
+from coordinator.ledger.events import LedgerEvent
+from schemas import LedgermeshError
+
+
+class LedgerError(LedgermeshError):
+    """The ledger cannot be opened, read or written."""
+
+
+class CanonicalTranscoder(Transcoder):
+    """Stores event state as canonical JSON (sorted keys): the bytes the chain hashes."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.json.Encoder(order="sorted")
+        self._decoder = msgspec.json.Decoder()
+
+    def encode(self, obj: Any) -> bytes:
+        return self._encoder.encode(obj)
+
+    def decode(self, data: bytes) -> Any:
+        return self._decoder.decode(data)
+
+
+class Ledger(Application[UUID]):
+    """Append-only store of LedgerEvents with a notification log and intake tracking."""
+
+    name = "ledger"
+
+    def construct_transcoder(self) -> Transcoder:
+        return CanonicalTranscoder()
+
+    def construct_recorder(self) -> ProcessRecorder:
+        # A process recorder stores tracking records in the same transaction as events:
+        # that is what makes intake exactly-once.
+        return self.factory.process_recorder()
+
+    @property
+    def process_recorder(self) -> ProcessRecorder:
+        assert isinstance(self.recorder, ProcessRecorder)
+        return self.recorder
+
+    def append(self, events: Sequence[LedgerEvent], tracking: Tracking | None) -> list[int]:
+        """Store events (and the tracking position) in one transaction; their positions."""
+        processing = ProcessingEvent[UUID](tracking=tracking)
+        processing.events.extend(events)
+        recordings = self._record(processing)
+        return [r.notification.id for r in recordings]
+
+    def tracking_position(self, name: str) -> int:
+        return self.process_recorder.max_tracking_id(name) or 0
+
+    def read(self, after: int, limit: int) -> Sequence[Notification]:
+        """Notifications with positions greater than ``after``, in order."""
+        return self.recorder.select_notifications(start=after, limit=limit,
+                                                  inclusive_of_start=False)
+
+    def last_position(self) -> int:
+        return self.recorder.max_notification_id() or 0
+
+    def history(self, aggregate_id: UUID) -> list[LedgerEvent]:
+        return [e for e in self.events.get(aggregate_id) if isinstance(e, LedgerEvent)]
+
+
+def ledger_env(location: str) -> dict[str, str]:
+    """eventsourcing settings for a ledger location (a SQLite path or a postgresql:// URL)."""
+    if location.startswith(("postgresql://", "postgres://")):
+        url = urlsplit(location)
+        query = parse_qs(url.query)
+        env = {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": url.path.lstrip("/") or "postgres",
+            "POSTGRES_HOST": url.hostname or "127.0.0.1",
+            "POSTGRES_PORT": str(url.port or 5432),
+            "POSTGRES_USER": unquote(url.username or "postgres"),
+            "POSTGRES_PASSWORD": unquote(url.password or ""),
+            "CREATE_TABLE": "y",
+        }
+        if "schema" in query:
+            env["POSTGRES_SCHEMA"] = query["schema"][0]
+        return env
+    return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": location,
+            "CREATE_TABLE": "y"}
+
+
+def open_ledger(location: str, *, create: bool) -> Ledger:
+    """Open the ledger at ``location``; with ``create=False`` it must already exist."""
+    is_postgres = location.startswith(("postgresql://", "postgres://"))
+    if not is_postgres:
+        path = Path(location)
+        if not create and not path.is_file():
+            raise LedgerError(f"no ledger at {location} (expected a SQLite file made by "
+                              "ledgermesh, or postgresql://…)")
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return Ledger(env=ledger_env(location))
+    except Exception as exc:  # eventsourcing wraps driver errors in its own types
+        raise LedgerError(f"cannot open ledger at {_redact(location)}: {exc}") from exc
+
+
+def _redact(location: str) -> str:
+    url = urlsplit(location)
+    if url.password:
+        return location.replace(f":{url.password}@", ":***@")
+    return location

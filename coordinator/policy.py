@@ -1,0 +1,91 @@
+"""``ledgermesh.toml``: which agents exist and what each may do. Loaded once, validated.
+
+```toml
+submitters = ["client"]          # principals that may submit tasks (besides agents)
+
+[agents.triage]
+description = "Reads a request and routes it"
+handoff_to = ["researcher"]      # whom triage may hand a task to
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+from schemas import LedgermeshError, is_token
+
+
+class PolicyError(LedgermeshError):
+    """ledgermesh.toml is missing or invalid; the message says where."""
+
+
+class AgentPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    description: str = ""
+    handoff_to: tuple[str, ...] = ()
+    instances: int = 1
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    agents: dict[str, AgentPolicy] = {}
+    submitters: tuple[str, ...] = ("client",)
+    max_payload_bytes: int = 1_048_576
+
+    def is_agent(self, name: str) -> bool:
+        return name in self.agents
+
+    def may_hand_off(self, sender: str, to: str) -> bool:
+        agent = self.agents.get(sender)
+        return agent is not None and to in agent.handoff_to
+
+    def may_submit(self, principal: str) -> bool:
+        return principal in self.submitters or principal in self.agents
+
+
+def parse_policy(text: str, source: str = "ledgermesh.toml") -> Policy:
+    """Parse and validate; every mistake is reported with its location in ``source``."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{source}: {exc}") from exc
+    try:
+        policy = msgspec.convert(raw, Policy)
+    except msgspec.ValidationError as exc:
+        raise PolicyError(f"{source}: {exc}") from exc
+    problems = list(_problems(policy))
+    if problems:
+        raise PolicyError(f"{source}: " + "; ".join(problems))
+    return policy
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError(f"no policy file at {path} (write one, see README 'Policy')") from None
+    except OSError as exc:
+        raise PolicyError(f"cannot read {path}: {exc.strerror}") from exc
+    return parse_policy(text, str(path))
+
+
+def _problems(policy: Policy) -> list[str]:
+    out: list[str] = []
+    if not policy.agents:
+        out.append("no agents declared (add an [agents.NAME] table)")
+    for name, agent in policy.agents.items():
+        if not is_token(name):
+            out.append(f"agents.{name}: name must be letters, digits, '-' or '_'")
+        for target in agent.handoff_to:
+            if target not in policy.agents:
+                out.append(f"agents.{name}.handoff_to: unknown agent {target!r}")
+        if agent.instances < 1:
+            out.append(f"agents.{name}.instances: must be at least 1")
+    for name in policy.submitters:
+        if not is_token(name):
+            out.append(f"submitters: {name!r} is not a valid principal name")
+    if policy.max_payload_bytes < 1024:
+        out.append("max_payload_bytes: must be at least 1024")
+    return out

@@ -1,0 +1,91 @@
+"""Relay: the notification log is the outbox.
+
+After each commit, publish every new ledger event to ``<prefix>.ledger.…`` (in ledger
+order, guarded by ``Nats-Expected-Last-Msg-Id``) and every assignment to its agent's
+deliver subject. No cursor of its own: it resumes after the last message in the ledger
+stream, so a crash anywhere means republish (deduplicated), never loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from eventsourcing.persistence import Notification
+
+from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID, Bus, BusError
+from coordinator.health import Health
+from coordinator.ledger.events import Kind
+from coordinator.ledger.store import Ledger
+from coordinator.signals import Doorbell
+from schemas import LedgerRecord, Subjects, canonical
+
+log = logging.getLogger("ledgermesh.coordinator.relay")
+
+_state = msgspec.json.Decoder()
+_record = msgspec.json.Encoder()
+
+
+def outbox_items(notifications: Sequence[Notification], subjects: Subjects,
+                 last_position: int) -> list[tuple[str, bytes, dict[str, str]]]:
+    """What to publish for these notifications: deliveries first, then the ledger copies.
+
+    A delivery goes out before its ledger copy so that a crash between the two leaves the
+    copy missing (and so republished, with the delivery deduplicated), never the delivery.
+    """
+    deliveries: list[tuple[str, bytes, dict[str, str]]] = []
+    copies: list[tuple[str, bytes, dict[str, str]]] = []
+    previous = last_position
+    for n in notifications:
+        state = _state.decode(n.state)
+        if state["kind"] == Kind.ASSIGNED:
+            delivery = state["data"]["delivery"]
+            deliveries.append((subjects.deliver(state["data"]["agent"]), canonical(delivery),
+                               {MSG_ID: delivery["id"]}))
+        record = LedgerRecord(position=n.id, aggregate_id=str(n.originator_id),
+                              version=n.originator_version, topic=n.topic,
+                              event=msgspec.Raw(n.state))
+        headers = {MSG_ID: subjects.ledger_msg_id(n.id)}
+        if previous:
+            headers[EXPECTED_LAST_MSG_ID] = subjects.ledger_msg_id(previous)
+        copies.append((subjects.ledger(state["aggregate"], state["key"], state["kind"]),
+                       _record.encode(record), headers))
+        previous = n.id
+    return deliveries + copies
+
+
+async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
+                      subjects: Subjects, doorbell: Doorbell, health: Health, *,
+                      page: int = 512,
+                      task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    position = subjects.ledger_position(await bus.last_msg_id(subjects.ledger_stream))
+    health.relayed_position = position
+    task_status.started()
+    while True:
+        notifications = await anyio.to_thread.run_sync(ledger.read, position, page,
+                                                       limiter=limiter)
+        if not notifications:
+            await doorbell.wait(timeout=1.0)
+            continue
+        try:
+            await bus.publish_all(outbox_items(notifications, subjects, position))
+        except (BusError, TimeoutError) as exc:
+            # Resynchronise from what the stream really holds, then go again.
+            log.warning("relay publish failed after position %d: %s", position, exc)
+            await anyio.sleep(0.5)
+            position = subjects.ledger_position(await _tail(bus, subjects))
+            continue
+        position = notifications[-1].id
+        health.relayed_position = position
+
+
+async def _tail(bus: Bus, subjects: Subjects) -> str | None:
+    while True:
+        try:
+            return await bus.last_msg_id(subjects.ledger_stream)
+        except BusError as exc:
+            log.warning("cannot read the ledger stream tail: %s", exc)
+            await anyio.sleep(1.0)

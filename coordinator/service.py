@@ -1,0 +1,79 @@
+"""The coordinator process: intake, ledger and relay wired together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+
+from bus.client import BusSettings, open_bus
+from bus.topology import agent_consumer, coordinator_consumer, streams
+from coordinator.health import Health
+from coordinator.intake import serve_intake
+from coordinator.ledger.store import open_ledger
+from coordinator.ledger.writer import LedgerWriter
+from coordinator.policy import Policy
+from coordinator.relay import serve_relay
+from coordinator.signals import Doorbell
+from schemas import Subjects
+
+log = logging.getLogger("ledgermesh.coordinator")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    nats_url: str
+    ledger: str  # SQLite path or postgresql:// URL
+    policy: Policy
+    subjects: Subjects = Subjects()
+    batch_max: int = 256
+    clock: Callable[[], datetime] = utc_now
+
+
+async def run_coordinator(settings: CoordinatorSettings, *,
+                          task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    subjects = settings.subjects
+    ledger = await anyio.to_thread.run_sync(
+        lambda: open_ledger(settings.ledger, create=True))
+    health = Health()
+    try:
+        writer = await anyio.to_thread.run_sync(
+            lambda: LedgerWriter(ledger, settings.policy, subjects, settings.clock))
+        limiter = anyio.CapacityLimiter(1)  # one writer thread per ledger
+        doorbell = Doorbell()
+
+        def on_bus_event(text: str) -> None:
+            if text == "disconnected":
+                health.connected = False
+            elif text == "reconnected":
+                health.connected = True
+            elif text.startswith("error"):
+                health.last_error = text
+
+        bus_settings = BusSettings(url=settings.nats_url, name=subjects.service("coordinator"))
+        async with open_bus(bus_settings, on_bus_event) as bus:
+            await bus.ensure_streams(streams(subjects, settings.policy.max_payload_bytes * 2))
+            await bus.ensure_consumer(coordinator_consumer(subjects))
+            for agent in settings.policy.agents:
+                await bus.ensure_consumer(agent_consumer(subjects, agent))
+            async with anyio.create_task_group() as tg:
+                await tg.start(serve_relay, bus, ledger, limiter, subjects, doorbell, health)
+                await tg.start(serve_intake, bus, writer, limiter, subjects, doorbell, health,
+                               settings.batch_max)
+                await bus.add_service(subjects.service("coordinator"), "0.1.0",
+                                      "ledgermesh coordinator", {"prefix": subjects.prefix},
+                                      lambda: msgspec.json.encode(health.report()))
+                log.info("coordinator ready: ledger %s, intake position %d",
+                         settings.ledger, writer.position)
+                task_status.started()
+    finally:
+        ledger.close()

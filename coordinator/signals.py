@@ -1,0 +1,20 @@
+"""Small coordination primitives between the coordinator's tasks."""
+
+from __future__ import annotations
+
+import anyio
+
+
+class Doorbell:
+    """Wakes one waiter when there is new work; rings while nobody waits are kept."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def ring(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        self._event = anyio.Event()

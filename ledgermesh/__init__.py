@@ -1,0 +1,1 @@
+"""ledgermesh: the command line and the dev stack (embedded NATS, demo)."""

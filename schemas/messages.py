@@ -1,0 +1,115 @@
+"""The messages agents and the coordinator exchange.
+
+Evolution rules (msgspec's schema-evolution): new fields get defaults, types never change,
+unknown fields are ignored so that newer senders are still accepted.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+# A JSON object. Kept as an alias so the JSON Schema reads "object" for payloads.
+Payload = dict[str, Any]
+
+
+class _Body(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every body; the ``type`` tag selects the Struct."""
+
+
+class SubmitTask(_Body, tag="task.submit"):
+    """A client asks for a new task; ``to`` is the agent that starts it."""
+
+    to: str
+    title: str
+    payload: Payload = {}
+
+
+class Say(_Body, tag="task.say"):
+    """A note for the task's log (reasoning, progress, an answer draft)."""
+
+    text: str
+
+
+class HandoffRequest(_Body, tag="handoff.request"):
+    """The owner of a task hands it to another agent, which may decline it."""
+
+    to: str
+    reason: str
+    payload: Payload = {}
+
+
+class HandoffDecision(_Body, tag="handoff.decision"):
+    """The receiver's answer to a handoff. Any other output implies acceptance."""
+
+    accept: bool
+    reason: str = ""
+
+
+class Complete(_Body, tag="task.complete"):
+    """The owner finished the task."""
+
+    result: str
+    payload: Payload = {}
+
+
+class Fail(_Body, tag="task.fail"):
+    """The owner gives the task up. ``retryable`` lets the coordinator try again."""
+
+    reason: str
+    retryable: bool = False
+
+
+Body = SubmitTask | Say | HandoffRequest | HandoffDecision | Complete | Fail
+BODY_TYPES: tuple[type[_Body], ...] = (SubmitTask, Say, HandoffRequest, HandoffDecision, Complete, Fail)
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything said on an intake subject ``<prefix>.intake.<sender>``.
+
+    ``id`` is stamped once by the sender and is the deduplication key (``Nats-Msg-Id``).
+    ``causation_id`` names the message (or delivery) that caused this one.
+    """
+
+    id: str
+    sender: str
+    task_id: str
+    sent_at: datetime
+    body: Body
+    causation_id: str | None = None
+    trace: str | None = None
+    labels: tuple[str, ...] = ()
+    attempt: int = 0
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    """What the coordinator sends on ``<prefix>.deliver.<agent>`` once it is recorded.
+
+    ``envelope`` is the recorded message that made the agent the task's owner (the
+    submission, a handoff to it, or a declined handoff handed back to it).
+    """
+
+    id: str
+    agent: str
+    task_id: str
+    attempt: int
+    title: str
+    input: Payload
+    envelope: Envelope
+    labels: tuple[str, ...] = ()
+
+
+class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One recorded event as relayed on ``<prefix>.ledger.<aggregate>.<key>.<kind>``.
+
+    ``event`` is the stored event state exactly as the ledger holds it (canonical JSON,
+    so an observer can recompute its hash); decode it with ``msgspec.json.decode``.
+    """
+
+    position: int
+    aggregate_id: str
+    version: int
+    topic: str
+    event: msgspec.Raw
