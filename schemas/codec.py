@@ -33,10 +33,10 @@ class Codec:
         try:
             return self._envelope.decode(data)
         except msgspec.DecodeError as exc:
-            raise MalformedMessageError(subject, str(exc)) from exc
+            raise MalformedMessageError(subject, str(exc), "Envelope") from exc
 
     def decode_delivery(self, data: bytes, subject: str = "?") -> Delivery:
         try:
             return self._delivery.decode(data)
         except msgspec.DecodeError as exc:
-            raise MalformedMessageError(subject, str(exc)) from exc
+            raise MalformedMessageError(subject, str(exc), "Delivery") from exc

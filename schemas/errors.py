@@ -22,7 +22,7 @@ class LedgermeshError(Exception):
 class MalformedMessageError(LedgermeshError):
     """Bytes that arrived on ``subject`` are not a valid message."""
 
-    def __init__(self, subject: str, reason: str) -> None:
-        super().__init__(f"cannot decode message on {subject!r}: {reason}")
+    def __init__(self, subject: str, reason: str, what: str = "message") -> None:
+        super().__init__(f"cannot decode {what} on {subject!r}: {reason}")
         self.subject = subject
         self.reason = reason

@@ -7,55 +7,60 @@ unknown fields are ignored so that newer senders are still accepted.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 # A JSON object. Kept as an alias so the JSON Schema reads "object" for payloads.
 Payload = dict[str, Any]
+# A name that becomes one subject token: agents, principals, task ids.
+Name = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]{1,128}$")]
+# Stamped once by the sender; must carry its timezone (RFC 3339, e.g. ...Z).
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+Attempt = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class _Body(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """Base of every body; the ``type`` tag selects the Struct."""
 
 
-class SubmitTask(_Body, tag="task.submit"):
+class SubmitTask(_Body, tag="task.submit", frozen=True, kw_only=True):
     """A client asks for a new task; ``to`` is the agent that starts it."""
 
-    to: str
+    to: Name
     title: str
     payload: Payload = {}
 
 
-class Say(_Body, tag="task.say"):
+class Say(_Body, tag="task.say", frozen=True, kw_only=True):
     """A note for the task's log (reasoning, progress, an answer draft)."""
 
     text: str
 
 
-class HandoffRequest(_Body, tag="handoff.request"):
+class HandoffRequest(_Body, tag="handoff.request", frozen=True, kw_only=True):
     """The owner of a task hands it to another agent, which may decline it."""
 
-    to: str
+    to: Name
     reason: str
     payload: Payload = {}
 
 
-class HandoffDecision(_Body, tag="handoff.decision"):
+class HandoffDecision(_Body, tag="handoff.decision", frozen=True, kw_only=True):
     """The receiver's answer to a handoff. Any other output implies acceptance."""
 
     accept: bool
     reason: str = ""
 
 
-class Complete(_Body, tag="task.complete"):
+class Complete(_Body, tag="task.complete", frozen=True, kw_only=True):
     """The owner finished the task."""
 
     result: str
     payload: Payload = {}
 
 
-class Fail(_Body, tag="task.fail"):
+class Fail(_Body, tag="task.fail", frozen=True, kw_only=True):
     """The owner gives the task up. ``retryable`` lets the coordinator try again."""
 
     reason: str
@@ -74,14 +79,14 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     id: str
-    sender: str
-    task_id: str
-    sent_at: datetime
+    sender: Name
+    task_id: Name
+    sent_at: Timestamp
     body: Body
     causation_id: str | None = None
     trace: str | None = None
     labels: tuple[str, ...] = ()
-    attempt: int = 0
+    attempt: Attempt = 0
 
 
 class Delivery(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,9 +97,9 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     id: str
-    agent: str
-    task_id: str
-    attempt: int
+    agent: Name
+    task_id: Name
+    attempt: Attempt
     title: str
     input: Payload
     envelope: Envelope

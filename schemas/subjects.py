@@ -17,7 +17,7 @@ def is_token(value: str) -> bool:
 class Subjects:
     """Names under one prefix, so that several deployments (or tests) share a server."""
 
-    prefix: str = "lm"
+    prefix: str = "lm"  # stream names upper-case it: "lm" and "LM" share streams
 
     def __post_init__(self) -> None:
         if not is_token(self.prefix):
@@ -69,7 +69,7 @@ class Subjects:
         if not msg_id:
             return 0
         head, _, tail = msg_id.rpartition(":")
-        if head != self.prefix or not tail.isdigit():
+        if head != self.prefix or not (tail.isascii() and tail.isdigit()):
             raise ValueError(f"not a ledger message id of prefix {self.prefix!r}: {msg_id!r}")
         return int(tail)
 
