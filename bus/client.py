@@ -250,7 +250,7 @@ class Bus:
                 await sub.unsubscribe()
 
     async def serve_observe(self, stream: str, subject: str, out: MemoryObjectSendStream[Observed],
-                            *, from_start: bool,
+                            from_start: bool, *,
                             task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow ``subject`` in ``stream`` with an ordered (flow-controlled) consumer."""
         policy = api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW
@@ -272,6 +272,22 @@ class Bus:
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
     # -- discovery ----------------------------------------------------------------
+    async def ping(self, service: str, timeout: float = 0.5) -> bool:
+        """Whether a NATS micro service of that name answers ``$SRV.PING.<service>``."""
+        try:
+            await self._nc.request(f"$SRV.PING.{service}", b"", timeout=timeout)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError):
+            return False
+        return True
+
+    async def service_status(self, service: str, timeout: float = 1.0) -> bytes | None:
+        """The reply of a service's ``status`` endpoint, or None if nobody answered."""
+        try:
+            reply = await self._nc.request(f"{service}.status", b"", timeout=timeout)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError):
+            return None
+        return bytes(reply.data)
+
     async def add_service(self, name: str, version: str, description: str,
                           metadata: dict[str, str],
                           status: Callable[[], bytes]) -> None:
@@ -285,7 +301,8 @@ class Bus:
         async def handle(request: Request) -> None:
             await request.respond(status())
 
-        await service.add_endpoint(EndpointConfig(name="status", handler=handle))
+        await service.add_endpoint(EndpointConfig(name="status", subject=f"{name}.status",
+                                                  handler=handle))
 
 
 @asynccontextmanager

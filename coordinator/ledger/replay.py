@@ -12,7 +12,14 @@ from typing import Any
 import msgspec
 from eventsourcing.persistence import Notification
 
-from coordinator.ledger.events import GENESIS, TOPIC, Aggregate, LedgerEvent, chain_hash
+from coordinator.ledger.events import (
+    GENESIS,
+    TOPIC,
+    Aggregate,
+    LedgerEvent,
+    chain_hash,
+    stored_state,
+)
 from coordinator.ledger.state import PrincipalState, TaskState, digest
 from coordinator.ledger.store import Ledger
 from schemas import LedgermeshError
@@ -73,6 +80,32 @@ def replay(ledger: Ledger, *, to: int | None = None, page: int = 2000,
     return result
 
 
+def link_problem(event: LedgerEvent, version: int, head: str) -> str | None:
+    """Why ``event`` does not follow (version, head) in its chain, or None if it does."""
+    if event.originator_version != version + 1:
+        return f"version {event.originator_version} follows {version}: an event is missing"
+    if event.prev_hash != head:
+        return f"prev_hash {event.prev_hash[:8]}… ≠ previous hash {head[:8]}…"
+    state = stored_state(event)
+    stored = state.pop("hash")
+    recomputed = chain_hash(event.prev_hash, event.originator_id, event.originator_version,
+                            TOPIC, state)
+    if recomputed != stored:
+        return f"stored hash {stored[:8]}… ≠ recomputed {recomputed[:8]}…"
+    return None
+
+
+def verify_history(events: list[LedgerEvent]) -> str | None:
+    """Check one aggregate's events (from the event store) link up; the first problem."""
+    version, head = 0, GENESIS
+    for event in events:
+        problem = link_problem(event, version, head)
+        if problem is not None:
+            return f"version {event.originator_version} ({event.kind}): {problem}"
+        version, head = event.originator_version, event.hash
+    return None
+
+
 def _fold(result: Replay, heads: dict[Any, tuple[int, str]], n: Notification) -> None:
     result.events += 1
     result.position = n.id
@@ -85,19 +118,9 @@ def _fold(result: Replay, heads: dict[Any, tuple[int, str]], n: Notification) ->
                                    f"stored event is unreadable: {exc}"))
         return
     version, head = heads.get(n.originator_id, (0, GENESIS))
-    stored = state.pop("hash")
-    problem = None
-    if n.topic != TOPIC:
-        problem = f"unexpected topic {n.topic}"
-    elif n.originator_version != version + 1:
-        problem = f"version {n.originator_version} follows {version}: an event is missing"
-    elif event.prev_hash != head:
-        problem = f"prev_hash {event.prev_hash[:8]}… ≠ previous hash {head[:8]}…"
-    else:
-        recomputed = chain_hash(event.prev_hash, n.originator_id, n.originator_version,
-                                n.topic, state)
-        if recomputed != stored:
-            problem = f"stored hash {stored[:8]}… ≠ recomputed {recomputed[:8]}…"
+    stored = state["hash"]
+    problem = (f"unexpected topic {n.topic}" if n.topic != TOPIC
+               else link_problem(event, version, head))
     if problem is not None:
         result.breaks.append(Break(n.id, event.aggregate, event.key, event.kind, problem))
     heads[n.originator_id] = (n.originator_version, stored)

@@ -1,0 +1,3 @@
+from ledgermesh.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""The audit view of one task: its timeline, who handed it to whom, and why."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from coordinator.ledger.events import Kind, LedgerEvent, task_aggregate_id
+from coordinator.ledger.replay import verify_history
+from coordinator.ledger.store import Ledger, LedgerError
+from ledgermesh.style import Style
+
+
+class TimelineEntry(msgspec.Struct, frozen=True, kw_only=True):
+    version: int
+    kind: str
+    actor: str
+    to: str | None
+    summary: str
+    msg_id: str
+    recorded_at: str
+
+
+class Audit(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: str
+    status: str
+    events: int
+    attempts: int
+    agents: list[str]
+    chain_ok: bool
+    chain_problem: str | None
+    timeline: list[TimelineEntry]
+
+
+def audit_task(ledger: Ledger, task_id: str) -> Audit:
+    history = ledger.history(task_aggregate_id(task_id))
+    if not history:
+        raise LedgerError(f"no task {task_id!r} in this ledger "
+                          "(list tasks with: ledgermesh replay --ledger … --json)")
+    problem = verify_history(history)
+    timeline = [entry for event in history if (entry := _entry(event)) is not None]
+    status = "open"
+    agents: list[str] = []
+    attempts = 0
+    for event in history:
+        if event.kind == Kind.ASSIGNED:
+            attempts = event.data["attempt"]
+            if event.data["agent"] not in agents:
+                agents.append(event.data["agent"])
+        elif event.kind == Kind.COMPLETED:
+            status = "completed"
+        elif event.kind == Kind.FAILED:
+            status = "failed"
+    return Audit(task_id=task_id, status=status, events=len(history), attempts=attempts,
+                 agents=agents, chain_ok=problem is None, chain_problem=problem,
+                 timeline=timeline)
+
+
+def _entry(event: LedgerEvent) -> TimelineEntry | None:
+    data: dict[str, Any] = event.data
+    kind = event.kind
+    to: str | None = None
+    if kind == Kind.SUBMITTED:
+        label, to, summary = "submit", data["to"], _quote(data["title"])
+    elif kind == Kind.SAID:
+        label, summary = "say", _quote(data["text"])
+    elif kind == Kind.HANDOFF_REQUESTED:
+        label, to, summary = "handoff", data["to"], f"reason: {data['reason']}"
+    elif kind == Kind.HANDOFF_ACCEPTED:
+        how = "implicitly (started work)" if data.get("implicit") else "explicitly"
+        label, summary = "accepted", how
+    elif kind == Kind.HANDOFF_DECLINED:
+        label, to, summary = "declined", data["to"], f"reason: {data['reason']}"
+    elif kind == Kind.COMPLETED:
+        label, summary = "complete", _quote(data["result"])
+    elif kind == Kind.FAILED:
+        label, summary = "fail", f"reason: {data['reason']}"
+    elif kind == Kind.REJECTED:
+        label, summary = "REJECTED", f"{data['code']}: {data['reason']}"
+    else:
+        return None  # assignments are shown through the handoffs that caused them
+    actor = data.get("by", event.sender) if kind == Kind.HANDOFF_ACCEPTED else event.sender
+    return TimelineEntry(version=event.originator_version, kind=label, actor=actor, to=to,
+                         summary=summary, msg_id=event.msg_id, recorded_at=event.recorded_at)
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return f'"{text}"'
+
+
+def render_audit(audit: Audit, style: Style, indent: str = "") -> list[str]:
+    chain = style.green("chain ✓") if audit.chain_ok else style.red(f"chain BROKEN: {audit.chain_problem}")
+    lines = [f"{indent}{style.bold(audit.task_id)}  {audit.status} after {audit.attempts} "
+             f"assignments across {len(audit.agents)} agents, {audit.events} events, {chain}"]
+    for e in audit.timeline:
+        arrow = f"→ {e.to:<11}" if e.to else " " * 13
+        kind = style.red(f"{e.kind:<9}") if e.kind == "REJECTED" else f"{e.kind:<9}"
+        if e.kind == "declined":
+            kind = style.yellow(f"{e.kind:<9}")
+        lines.append(f"{indent}#{e.version:<3} {e.actor:<11}{arrow}{kind}  {e.summary}")
+    return lines

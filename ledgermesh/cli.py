@@ -1,0 +1,188 @@
+"""``ledgermesh``: the command line. Parses arguments, runs a command, turns errors into
+one clear line (the traceback only with ``--debug``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from schemas import LedgermeshError
+
+DEFAULT_NATS = "nats://127.0.0.1:4222"
+
+EPILOG = """\
+examples:
+  ledgermesh demo                                   run the support-desk team end to end
+  ledgermesh replay --ledger ./ledgermesh-data/ledger.db --verify
+  ledgermesh audit TASK_ID --ledger ./ledgermesh-data/ledger.db
+  ledgermesh coordinator run --nats URL --ledger ledger.db --config ledgermesh.toml
+  ledgermesh agent run myapp.agents:writer --nats URL
+  ledgermesh submit --nats URL --to triage --title "Refund?" --payload '{"question": "…"}'
+  ledgermesh tail --nats URL --from-start
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ledgermesh",
+        description="Run a team of AI agents over NATS with every message and handoff "
+                    "recorded in a verifiable, replayable ledger.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def nats_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--nats", default=DEFAULT_NATS, metavar="URL",
+                       help=f"NATS server URL (default {DEFAULT_NATS})")
+        p.add_argument("--prefix", default="lm",
+                       help="subject prefix, to run several deployments on one server "
+                            "(default lm)")
+
+    demo = commands.add_parser("demo", help="run embedded NATS, a coordinator and a team of "
+                               "agents (each its own process), then replay and audit")
+    demo.add_argument("--data-dir", type=Path, default=Path("ledgermesh-data"),
+                      help="where the ledger, NATS store and logs go (default "
+                           "./ledgermesh-data; emptied at start)")
+    demo.add_argument("--tasks", type=int, default=5, help="tasks to submit (default 5)")
+    demo.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+    coordinator = commands.add_parser("coordinator", help="the coordinator service")
+    coord_commands = coordinator.add_subparsers(dest="action", metavar="ACTION", required=True)
+    coord_run = coord_commands.add_parser("run", help="consume intake, record, relay (until "
+                                          "SIGTERM)")
+    nats_options(coord_run)
+    coord_run.add_argument("--ledger", required=True,
+                           help="SQLite file (created if missing) or postgresql://… URL")
+    coord_run.add_argument("--config", type=Path, default=Path("ledgermesh.toml"),
+                           help="policy file (default ./ledgermesh.toml)")
+
+    agent = commands.add_parser("agent", help="agent services")
+    agent_commands = agent.add_subparsers(dest="action", metavar="ACTION", required=True)
+    agent_run = agent_commands.add_parser("run", help="run an Agent as a service (until "
+                                          "SIGTERM)")
+    agent_run.add_argument("spec", metavar="MODULE:ATTR",
+                           help="where the Agent is, e.g. agents.examples.support:triage")
+    nats_options(agent_run)
+    agent_run.add_argument("--concurrency", type=int, default=None,
+                           help="deliveries handled at once (default: the Agent's own)")
+
+    submit = commands.add_parser("submit", help="submit a task to an agent")
+    nats_options(submit)
+    submit.add_argument("--to", required=True, metavar="AGENT", help="agent that starts it")
+    submit.add_argument("--title", required=True, help="a short description")
+    submit.add_argument("--payload", default="{}", metavar="JSON", help="input as a JSON object")
+    submit.add_argument("--task-id", default=None, help="task id (default: a new random one)")
+    submit.add_argument("--as", dest="principal", default="client",
+                        help="principal submitting it (default client)")
+
+    tail = commands.add_parser("tail", help="follow recorded events live")
+    nats_options(tail)
+    tail.add_argument("--task", default=None, metavar="TASK_ID", help="only this task")
+    tail.add_argument("--from-start", action="store_true", help="begin at the first event")
+    tail.add_argument("--json", action="store_true", help="one JSON object per event")
+    tail.add_argument("--limit", type=int, default=None, help="stop after N events")
+
+    rep = commands.add_parser("replay", help="rebuild state from the ledger; digest; verify")
+    rep.add_argument("--ledger", required=True, help="SQLite file or postgresql://… URL")
+    rep.add_argument("--to", type=int, default=None, metavar="N", help="stop at position N")
+    rep.add_argument("--verify", action="store_true",
+                     help="exit 1 if any hash chain is broken (names the position)")
+    rep.add_argument("--json", action="store_true", help="print one JSON object")
+
+    aud = commands.add_parser("audit", help="timeline of one task: who did what, and why")
+    aud.add_argument("task_id", metavar="TASK_ID")
+    aud.add_argument("--ledger", required=True, help="SQLite file or postgresql://… URL")
+    aud.add_argument("--json", action="store_true", help="print one JSON object")
+
+    schema = commands.add_parser("schema", help="wire contracts")
+    schema_commands = schema.add_subparsers(dest="action", metavar="ACTION", required=True)
+    export = schema_commands.add_parser("export", help="write JSON Schema files")
+    export.add_argument("--out", type=Path, default=None,
+                        help="directory (default: the package's schemas/json)")
+
+    policy = commands.add_parser("policy", help="ledgermesh.toml")
+    policy_commands = policy.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = policy_commands.add_parser("check", help="validate a policy file")
+    check.add_argument("file", type=Path)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imports are per command: `ledgermesh --help` stays fast and light.
+    if args.command == "demo":
+        from ledgermesh.demo import run_demo
+
+        if args.tasks < 1:
+            raise ValueError("--tasks must be at least 1")
+        return run_demo(args.data_dir, args.tasks, as_json=args.json)
+    if args.command == "coordinator":
+        from ledgermesh.serve import coordinator_run
+
+        coordinator_run(args.nats, args.ledger, args.config, args.prefix)
+        return 0
+    if args.command == "agent":
+        from ledgermesh.serve import agent_run
+
+        agent_run(args.spec, args.nats, args.prefix, args.concurrency)
+        return 0
+    if args.command == "submit":
+        from ledgermesh.live import submit_command
+
+        return submit_command(args.nats, args.prefix, to=args.to, title=args.title,
+                              payload_text=args.payload, task_id=args.task_id,
+                              principal=args.principal)
+    if args.command == "tail":
+        from ledgermesh.live import tail_command
+
+        return tail_command(args.nats, args.prefix, task_id=args.task,
+                            from_start=args.from_start, as_json=args.json, limit=args.limit)
+    if args.command == "replay":
+        from ledgermesh.inspect import replay_command
+
+        return replay_command(args.ledger, to=args.to, verify=args.verify, as_json=args.json)
+    if args.command == "audit":
+        from ledgermesh.inspect import audit_command
+
+        return audit_command(args.task_id, args.ledger, as_json=args.json)
+    if args.command == "schema":
+        from ledgermesh.inspect import schema_export
+
+        out = args.out or Path(__file__).resolve().parent.parent / "schemas" / "json"
+        return schema_export(out)
+    if args.command == "policy":
+        from ledgermesh.inspect import policy_check
+
+        return policy_check(args.file)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    service = args.command in ("coordinator", "agent")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else (logging.INFO if service else logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return run(args)
+    except (LedgermeshError, ValueError, BaseExceptionGroup) as exc:
+        user_error = _user_error(exc)
+        if args.debug or user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The error to show a person: task groups wrap errors in exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _user_error(inner)
+            if found is not None:
+                return found
+        return None
+    return exc if isinstance(exc, LedgermeshError | ValueError) else None

@@ -1,0 +1,246 @@
+"""``ledgermesh demo``: the whole system on this machine, end to end.
+
+Embedded NATS, the coordinator and each example agent as its own OS process; submit a few
+tasks, watch them move through the team, stop everything, then replay and audit the ledger.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+import agents.examples
+from agents.client import submit_task
+from bus.client import Bus, BusSettings, Observed, open_bus
+from bus.embedded import EmbeddedNats, open_embedded_nats
+from coordinator.ledger.replay import replay
+from coordinator.ledger.store import open_ledger
+from coordinator.policy import load_policy
+from coordinator.service import utc_now
+from ledgermesh.audit import audit_task, render_audit
+from ledgermesh.processes import Child, spawn, stop_all
+from ledgermesh.style import Style, short, stdout_style
+from schemas import LedgermeshError, LedgerRecord, Subjects
+
+TEAM = ("triage", "researcher", "writer", "reviewer")
+QUESTIONS = (
+    "Can I get a refund for order 1182?",
+    "When will my shipping confirmation arrive?",
+    "How do I reset my password?",
+    "Where is my invoice for March?",
+    "Is my keyboard still under warranty?",
+)
+POLICY = Path(agents.examples.__file__).parent / "ledgermesh.toml"
+MARKER = ".ledgermesh-demo"
+
+
+class DemoError(LedgermeshError):
+    """The demo could not run to the end; the message says where it stopped."""
+
+
+class DemoResult(msgspec.Struct, frozen=True, kw_only=True):
+    tasks_submitted: int
+    tasks_completed: int
+    tasks_failed: int
+    events: int
+    rejected: int
+    digest: str
+    verified: bool
+    ledger: str
+    nats_url: str
+    seconds: float
+
+
+@dataclass
+class Board:
+    """What the demo knows of each task, from the relayed ledger stream."""
+
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: int = 0
+    rejected: int = 0
+
+    def apply(self, event: dict[str, Any]) -> str | None:
+        """Fold one relayed event; returns the task id if that task just finished."""
+        self.events += 1
+        if event["kind"] == "message.rejected":
+            self.rejected += 1
+        if event["aggregate"] != "task":
+            return None
+        task = self.tasks.setdefault(event["key"], {"status": "submitted", "owner": "",
+                                                    "hops": 0, "last": ""})
+        data = event["data"]
+        kind = event["kind"]
+        if kind == "task.assigned":
+            task["owner"] = data["agent"]
+        elif kind == "handoff.requested":
+            task["hops"] += 1
+            task["last"] = f"{event['sender']} → {data['to']}: {data['reason']}"
+        elif kind == "handoff.declined":
+            task["last"] = f"{event['sender']} → {data['to']}: declined \"{data['reason']}\""
+        elif kind in ("task.completed", "task.failed"):
+            task["status"] = "completed" if kind == "task.completed" else "failed"
+            task["owner"] = ""
+            task["last"] = f"{event['sender']} → {task['status']}"
+            return str(event["key"])
+        return None
+
+    def done(self) -> int:
+        return sum(1 for t in self.tasks.values() if t["status"] != "submitted")
+
+
+def run_demo(data_dir: Path, tasks: int, *, as_json: bool, timeout: float = 120.0) -> int:
+    style = stdout_style()
+    say = (lambda _text="": None) if as_json else style.out
+    prepare(data_dir)
+    result = anyio.run(_run, data_dir, tasks, style, say, timeout)
+    if as_json:
+        print(msgspec.json.encode(result).decode())
+    return 0 if result.verified and result.tasks_completed == tasks else 1
+
+
+def prepare(data_dir: Path) -> None:
+    """Start from an empty demo directory; never delete a directory the demo did not make."""
+    if data_dir.exists() and any(data_dir.iterdir()):
+        if not (data_dir / MARKER).exists():
+            raise DemoError(f"{data_dir} exists and was not made by the demo; "
+                            "pass --data-dir with a new or demo-made directory")
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / MARKER).write_text("made by ledgermesh demo; deleted by the next demo run\n")
+
+
+async def _run(data_dir: Path, count: int, style: Style, say: Any, timeout: float) -> DemoResult:
+    ledger_path = data_dir / "ledger.db"
+    subjects = Subjects("lm")
+    started = time.monotonic()
+    load_policy(POLICY)  # fail early, in this process, on a broken policy file
+    async with open_embedded_nats(data_dir / "nats") as nats_server:
+        say(f"{style.bold('ledgermesh demo')} — embedded NATS {nats_server.version} on "
+            f"{nats_server.host}:{nats_server.port}, ledger {ledger_path}")
+        children: list[Child] = []
+        try:
+            children = _start_services(nats_server, ledger_path, data_dir / "logs")
+            agents_line = " ".join(f"{c.name}({c.pid})" for c in children[1:])
+            say(f"  started coordinator (pid {children[0].pid}) and {len(children) - 1} "
+                f"agents: {agents_line}")
+            async with open_bus(BusSettings(url=nats_server.url, name="lm_demo")) as bus:
+                await _wait_ready(bus, subjects, children)
+                board = await _drive(bus, subjects, count, style, say, timeout, children)
+        finally:
+            await stop_all(children)
+        say(f"  stopped {len(children)} processes; logs in {data_dir / 'logs'}")
+    return _finish(ledger_path, board, count, style, say, nats_server, started)
+
+
+def _start_services(nats_server: EmbeddedNats, ledger_path: Path, logs: Path) -> list[Child]:
+    url = ["--nats", nats_server.url]
+    children = [spawn("coordinator", ["coordinator", "run", *url, "--ledger", str(ledger_path),
+                                      "--config", str(POLICY)], logs)]
+    for name in TEAM:
+        children.append(spawn(name, ["agent", "run", f"agents.examples.support:{name}", *url],
+                              logs))
+    return children
+
+
+async def _wait_ready(bus: Bus, subjects: Subjects, children: list[Child]) -> None:
+    with anyio.move_on_after(30) as scope:
+        for child in children:
+            while not await bus.ping(subjects.service(child.name)):
+                if not child.alive():
+                    raise DemoError(f"{child.name} exited during start-up "
+                                    f"(log {child.log_file}):\n{child.log_tail()}")
+    if scope.cancelled_caught:
+        late = [c.name for c in children]
+        raise DemoError(f"services not ready after 30 s: {', '.join(late)}; "
+                        f"see logs in {children[0].log_file.parent}")
+
+
+async def _drive(bus: Bus, subjects: Subjects, count: int, style: Style, say: Any,
+                 timeout: float, children: list[Child]) -> Board:
+    board = Board()
+    decode_record = msgspec.json.Decoder(LedgerRecord).decode
+    decode_event = msgspec.json.Decoder().decode
+    send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=1024)
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg, receive:
+        await tg.start(bus.serve_observe, subjects.ledger_stream, subjects.ledger_all, send, True)
+        ids = [f"t-{uuid.uuid4().hex[:8]}" for _ in range(count)]
+        for i, task_id in enumerate(ids):
+            question = QUESTIONS[i % len(QUESTIONS)]
+            await submit_task(bus, subjects, task_id=task_id, to="triage", title=question,
+                              payload={"question": question}, principal="client",
+                              msg_id=str(uuid.uuid4()), clock=utc_now)
+        say(f"  submitted {count} tasks to triage")
+        with anyio.move_on_after(timeout) as scope:
+            async for message in receive:
+                record = decode_record(message.data)
+                finished = board.apply(decode_event(record.event))
+                if finished is not None:
+                    task = board.tasks[finished]
+                    line = (f"  {short(finished, 11):<12} {task['status']:<10} "
+                            f"{task['hops']} hops   {task['last']}")
+                    if style.live:
+                        sys.stdout.write("\r\033[K")
+                    say(line)
+                if style.live:
+                    sys.stdout.write(_bar(board.done(), count, time.monotonic() - started))
+                    sys.stdout.flush()
+                if board.done() >= count:
+                    break
+        if style.live:
+            sys.stdout.write("\r\033[K")
+        tg.cancel_scope.cancel()
+    if scope.cancelled_caught:
+        dead = [c.name for c in children if not c.alive()]
+        raise DemoError(f"only {board.done()} of {count} tasks finished within {timeout:.0f} s"
+                        + (f"; exited: {', '.join(dead)}" if dead else "")
+                        + f"; see logs in {children[0].log_file.parent}")
+    return board
+
+
+def _bar(done: int, total: int, seconds: float, width: int = 40) -> str:
+    filled = int(width * done / total) if total else width
+    return f"\r  {'━' * filled}{'╌' * (width - filled)}  {done}/{total} tasks done  {seconds:4.1f}s"
+
+
+def _finish(ledger_path: Path, board: Board, count: int, style: Style, say: Any,
+            nats_server: EmbeddedNats, started: float) -> DemoResult:
+    ledger = open_ledger(str(ledger_path), create=False)
+    try:
+        t0 = time.perf_counter()
+        rebuilt = replay(ledger)
+        seconds = time.perf_counter() - t0
+        declined = [t for t, s in rebuilt.tasks.items() if s.hops > 3] or list(rebuilt.tasks)
+        audit = audit_task(ledger, declined[0]) if declined else None
+    finally:
+        ledger.close()
+    completed = sum(1 for t in rebuilt.tasks.values() if t.status == "completed")
+    failed = sum(1 for t in rebuilt.tasks.values() if t.status == "failed")
+    rejected = sum(t.rejections for t in rebuilt.tasks.values()) + sum(
+        p.rejections for p in rebuilt.principals.values())
+    say()
+    say(f"  {style.bold(f'{completed} of {count} tasks completed')} · {rebuilt.events} events "
+        f"recorded · {rejected} rejected")
+    check = style.green("chains verified ✓") if rebuilt.verified else style.red("chains BROKEN ✗")
+    say(f"  replay: rebuilt {len(rebuilt.tasks)} tasks from {rebuilt.events} events in "
+        f"{seconds:.2f} s · digest {rebuilt.digest[:12]}… · {check}")
+    if audit is not None:
+        say()
+        say(f"  audit of {audit.task_id} (ledgermesh audit {audit.task_id} --ledger {ledger_path})")
+        for line in render_audit(audit, style, indent="  "):
+            say(line)
+    say()
+    say(f"  try next:  ledgermesh replay --ledger {ledger_path} --verify")
+    say(f"             ledgermesh audit {declined[0] if declined else 'TASK'} --ledger {ledger_path}")
+    return DemoResult(tasks_submitted=count, tasks_completed=completed, tasks_failed=failed,
+                      events=rebuilt.events, rejected=rejected, digest=rebuilt.digest,
+                      verified=rebuilt.verified, ledger=str(ledger_path),
+                      nats_url=nats_server.url, seconds=round(time.monotonic() - started, 3))

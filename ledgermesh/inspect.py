@@ -1,0 +1,125 @@
+"""Offline commands over a ledger: ``replay``, ``audit``; and ``schema export``, ``policy check``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from coordinator.ledger.replay import replay
+from coordinator.ledger.store import LedgerError, open_ledger
+from coordinator.policy import load_policy
+from ledgermesh.audit import audit_task, render_audit
+from ledgermesh.style import Style, stdout_style
+from schemas import LedgermeshError
+
+
+class ReplayReport(msgspec.Struct, frozen=True, kw_only=True):
+    ledger: str
+    events: int
+    position: int
+    tasks: int
+    tasks_by_status: dict[str, int]
+    digest: str
+    verified: bool
+    seconds: float
+    first_break: dict[str, object] | None
+
+
+def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool) -> int:
+    style = stdout_style()
+    ledger = open_ledger(location, create=False)
+    try:
+        live = style.live and not as_json
+
+        def progress(position: int) -> None:
+            if live:
+                print(f"\r  replaying… position {position}", end="", file=sys.stderr, flush=True)
+
+        started = time.perf_counter()
+        result = replay(ledger, to=to, progress=progress)
+        seconds = time.perf_counter() - started
+        if live:
+            print("\r\033[K", end="", file=sys.stderr)
+    finally:
+        ledger.close()
+    statuses: dict[str, int] = {}
+    for task in result.tasks.values():
+        statuses[task.status] = statuses.get(task.status, 0) + 1
+    first = result.breaks[0] if result.breaks else None
+    report = ReplayReport(
+        ledger=location, events=result.events, position=result.position,
+        tasks=len(result.tasks), tasks_by_status=statuses, digest=result.digest,
+        verified=result.verified, seconds=round(seconds, 4),
+        first_break=None if first is None else {
+            "position": first.position, "aggregate": first.aggregate, "key": first.key,
+            "kind": first.kind, "problem": first.problem},
+    )
+    if as_json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        for line in render_replay(report, style, verify=verify):
+            style.out(line)
+    if verify and not result.verified:
+        if not as_json:
+            assert first is not None
+            print(f"error: chain broken at position {first.position} ({first.aggregate} "
+                  f"{first.key}, event {first.kind}): {first.problem}\n"
+                  f"       the ledger was modified after it was written; last good position "
+                  f"{first.position - 1}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def render_replay(report: ReplayReport, style: Style, *, verify: bool) -> list[str]:
+    by_status = ", ".join(f"{n} {s}" for s, n in sorted(report.tasks_by_status.items()))
+    rate = report.events / report.seconds if report.seconds > 0 else 0.0
+    lines = [f"replay: rebuilt {report.tasks} tasks ({by_status or 'none'}) from "
+             f"{report.events} events in {report.seconds:.2f} s ({rate:,.0f} events/s)",
+             f"digest {report.digest}"]
+    if verify:
+        if report.verified:
+            lines.append(style.green(f"chains verified ✓ ({report.events} events)"))
+        else:
+            lines.append(style.red("chains NOT verified ✗"))
+    return lines
+
+
+def audit_command(task_id: str, location: str, *, as_json: bool) -> int:
+    ledger = open_ledger(location, create=False)
+    try:
+        audit = audit_task(ledger, task_id)
+    finally:
+        ledger.close()
+    if as_json:
+        print(msgspec.json.encode(audit).decode())
+    else:
+        style = stdout_style()
+        for line in render_audit(audit, style):
+            style.out(line)
+    return 0 if audit.chain_ok else 1
+
+
+def schema_export(out: Path) -> int:
+    from schemas.export import write_json_schemas
+
+    written = write_json_schemas(out)
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print(f"{out}: JSON Schemas already up to date")
+    return 0
+
+
+def policy_check(path: Path) -> int:
+    policy = load_policy(path)
+    agents = ", ".join(f"{name} → {', '.join(a.handoff_to) or '(none)'}"
+                       for name, a in policy.agents.items())
+    print(f"{path}: ok — {len(policy.agents)} agents: {agents}")
+    return 0
+
+
+__all__ = ["LedgerError", "LedgermeshError", "audit_command", "policy_check",
+           "replay_command", "schema_export"]

@@ -1,0 +1,111 @@
+"""Commands against a running system: ``submit`` and ``tail``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import msgspec
+
+from agents.client import submit_task
+from bus.client import BusSettings, Observed, open_bus
+from coordinator.service import utc_now
+from ledgermesh.style import Style, short, stdout_style
+from schemas import LedgermeshError, LedgerRecord, Subjects, is_token
+
+
+class UsageError(LedgermeshError):
+    """A command-line argument is wrong; the message says how to fix it."""
+
+
+def parse_payload(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--payload is not valid JSON: {exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno} (example: --payload '{{\"question\": \"…\"}}')") from None
+    if not isinstance(value, dict):
+        raise UsageError("--payload must be a JSON object, e.g. '{\"question\": \"…\"}'")
+    return value
+
+
+def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_text: str,
+                   task_id: str | None, principal: str) -> int:
+    payload = parse_payload(payload_text)
+    task = task_id or f"t-{uuid.uuid4().hex[:12]}"
+    for name, value in (("--to", to), ("--task-id", task), ("--as", principal)):
+        if not is_token(value):
+            raise UsageError(f"{name} {value!r}: use 1-128 letters, digits, '-' or '_'")
+    subjects = Subjects(prefix)
+
+    async def main() -> None:
+        async with open_bus(BusSettings(url=nats_url, name=f"{prefix}_submit")) as bus:
+            await submit_task(bus, subjects, task_id=task, to=to, title=title, payload=payload,
+                              principal=principal, msg_id=str(uuid.uuid4()), clock=utc_now)
+
+    anyio.run(main)
+    print(f"submitted {task} to {to}")
+    print(f"  watch it:  ledgermesh tail --nats {nats_url} --task {task} --from-start")
+    return 0
+
+
+def describe(record: LedgerRecord, event: dict[str, Any]) -> str:
+    """One human line for a relayed ledger event."""
+    data = event.get("data", {})
+    kind = event["kind"]
+    who = event["sender"]
+    detail = {
+        "task.submitted": lambda: f"→ {data.get('to')}  \"{data.get('title')}\"",
+        "task.assigned": lambda: f"assigned to {data.get('agent')} (attempt {data.get('attempt')})",
+        "message.said": lambda: f"\"{data.get('text')}\"",
+        "handoff.requested": lambda: f"→ {data.get('to')}  reason: {data.get('reason')}",
+        "handoff.accepted": lambda: f"accepted by {data.get('by')}",
+        "handoff.declined": lambda: f"→ {data.get('to')}  declined: {data.get('reason')}",
+        "task.completed": lambda: f"completed \"{data.get('result')}\"",
+        "task.failed": lambda: f"failed: {data.get('reason')}",
+        "message.rejected": lambda: f"REJECTED {data.get('code')}: {data.get('reason')}",
+    }.get(kind, lambda: "")()
+    return f"#{record.position:<6} {short(event['key'], 14):<15} {who:<12} {kind:<18} {detail}"
+
+
+def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start: bool,
+                 as_json: bool, limit: int | None = None) -> int:
+    subjects = Subjects(prefix)
+    if task_id is not None and not is_token(task_id):
+        raise UsageError(f"--task {task_id!r}: task ids are letters, digits, '-' or '_'")
+    subject = subjects.ledger_of_task(task_id) if task_id else subjects.ledger_all
+    style = stdout_style()
+    decode_record = msgspec.json.Decoder(LedgerRecord).decode
+    decode_event: Callable[[bytes], Any] = msgspec.json.Decoder().decode
+
+    async def main() -> None:
+        async with open_bus(BusSettings(url=nats_url, name=f"{prefix}_tail")) as bus:
+            send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=256)
+            async with anyio.create_task_group() as tg, receive:
+                await tg.start(bus.serve_observe, subjects.ledger_stream, subject, send, from_start)
+                if not as_json:
+                    print(style.dim(f"following {subject} (Ctrl-C to stop)"), file=sys.stderr)
+                seen = 0
+                async for message in receive:
+                    record = decode_record(message.data)
+                    event = decode_event(record.event)
+                    if as_json:
+                        print(json.dumps({"position": record.position, **event}), flush=True)
+                    else:
+                        style.out(describe(record, event))
+                    seen += 1
+                    if limit is not None and seen >= limit:
+                        tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+__all__ = ["Style", "UsageError", "parse_payload", "submit_command", "tail_command"]

@@ -1,0 +1,60 @@
+"""Child processes of the dev stack: each service its own OS process, logs to a file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_file: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_file.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def spawn(name: str, args: list[str], log_dir: Path) -> Child:
+    """Start ``python -m ledgermesh ARGS`` with output to ``log_dir/NAME.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / f"{name}.log"
+    with log_file.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ledgermesh", *args],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    return Child(name, process, log_file)
+
+
+async def stop_all(children: list[Child], timeout: float = 10.0) -> None:
+    """SIGTERM everyone, wait, then SIGKILL whoever is left. Never raises."""
+    for child in children:
+        if child.alive():
+            child.process.send_signal(signal.SIGTERM)
+    with anyio.move_on_after(timeout):
+        while any(child.alive() for child in children):
+            await anyio.sleep(0.05)
+    for child in children:
+        if child.alive():
+            child.process.kill()
+        child.process.wait()

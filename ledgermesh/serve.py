@@ -1,0 +1,55 @@
+"""Long-running commands: ``coordinator run`` and ``agent run``, stopped by SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskStatus
+
+from agents import load_agent
+from agents.runtime import AgentSettings, run_agent
+from coordinator.policy import load_policy
+from coordinator.service import CoordinatorSettings, run_coordinator
+from schemas import Subjects
+
+Service = Callable[..., Awaitable[None]]
+
+
+async def run_until_signalled(service: Callable[[TaskStatus[None]], Awaitable[None]]) -> None:
+    """Run ``service`` until SIGTERM or SIGINT, then cancel it cleanly."""
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    logging.getLogger("ledgermesh").info("stopping on %s", signal.Signals(signum).name)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(stop_on_signal)
+        await tg.start(service)
+
+
+def coordinator_run(nats_url: str, ledger: str, config: Path, prefix: str) -> None:
+    settings = CoordinatorSettings(nats_url=nats_url, ledger=ledger,
+                                   policy=load_policy(config), subjects=Subjects(prefix))
+
+    async def service(task_status: TaskStatus[None]) -> None:
+        await run_coordinator(settings, task_status=task_status)
+
+    anyio.run(run_until_signalled, service)
+
+
+def agent_run(spec: str, nats_url: str, prefix: str, concurrency: int | None) -> None:
+    agent = load_agent(spec)
+    settings = AgentSettings(nats_url=nats_url, subjects=Subjects(prefix),
+                             concurrency=concurrency)
+
+    async def service(task_status: TaskStatus[None]) -> None:
+        await run_agent(agent, settings, task_status=task_status)
+
+    anyio.run(run_until_signalled, service)
