@@ -330,13 +330,19 @@ async def open_bus(settings: BusSettings,
     if settings.inbox_prefix is not None:
         options["inbox_prefix"] = settings.inbox_prefix
     try:
-        nc = await nats.connect(
-            settings.url, name=settings.name, max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5, allow_reconnect=True, connect_timeout=settings.request_timeout,
-            error_cb=error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
-            **options,
-        )
-    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        # Reconnect forever once connected, but fail the first connect within a deadline:
+        # a wrong URL must be an error, not a silent hang.
+        with anyio.fail_after(settings.request_timeout):
+            nc = await nats.connect(
+                settings.url, name=settings.name, max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5, allow_reconnect=True,
+                connect_timeout=settings.request_timeout, error_cb=error_cb,
+                disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb, **options,
+            )
+    except TimeoutError:
+        raise BusError(f"cannot connect to NATS at {settings.url}: no server answered within "
+                       f"{settings.request_timeout:.0f} s") from None
+    except (OSError, nats.errors.Error) as exc:
         raise BusError(f"cannot connect to NATS at {settings.url}: {exc or type(exc).__name__}") from exc
     try:
         yield Bus(nc, settings)

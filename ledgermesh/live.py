@@ -33,8 +33,12 @@ def parse_payload(text: str) -> dict[str, Any]:
     return value
 
 
+class SubmitRejectedError(LedgermeshError):
+    """The coordinator recorded the submission as rejected."""
+
+
 def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_text: str,
-                   task_id: str | None, principal: str) -> int:
+                   task_id: str | None, principal: str, wait: float = 10.0) -> int:
     payload = parse_payload(payload_text)
     task = task_id or f"t-{uuid.uuid4().hex[:12]}"
     for name, value in (("--to", to), ("--task-id", task), ("--as", principal)):
@@ -42,13 +46,40 @@ def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_t
             raise UsageError(f"{name} {value!r}: use 1-128 letters, digits, '-' or '_'")
     subjects = Subjects(prefix)
 
+    msg_id = str(uuid.uuid4())
+    verdict: list[dict[str, Any]] = []
+
     async def main() -> None:
         async with open_bus(BusSettings(url=nats_url, name=f"{prefix}_submit")) as bus:
-            await submit_task(bus, subjects, task_id=task, to=to, title=title, payload=payload,
-                              principal=principal, msg_id=str(uuid.uuid4()), clock=utc_now)
+            # Watch for the ledger's verdict before publishing, so it cannot be missed.
+            send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=64)
+            async with anyio.create_task_group() as tg, receive:
+                for subject in (subjects.ledger_of_task(task),
+                                subjects.ledger("principal", principal, "message.rejected")):
+                    await tg.start(bus.serve_observe, subjects.ledger_stream, subject,
+                                   send.clone(), False)
+                send.close()
+                await submit_task(bus, subjects, task_id=task, to=to, title=title,
+                                  payload=payload, principal=principal, msg_id=msg_id,
+                                  clock=utc_now)
+                with anyio.move_on_after(wait):
+                    async for message in receive:
+                        record = msgspec.json.decode(message.data, type=LedgerRecord)
+                        event = msgspec.json.decode(record.event)
+                        if event["msg_id"] == msg_id:
+                            verdict.append(event)
+                            break
+                tg.cancel_scope.cancel()
 
     anyio.run(main)
-    print(f"submitted {task} to {to}")
+    if not verdict:
+        print(f"submitted {task} to {to}; no verdict from the coordinator within {wait:.0f} s "
+              "(is it running?)")
+        return 1
+    if verdict[0]["kind"] == "message.rejected":
+        data = verdict[0]["data"]
+        raise SubmitRejectedError(f"task {task} rejected ({data['code']}): {data['reason']}")
+    print(f"submitted {task} to {to} (recorded)")
     print(f"  watch it:  ledgermesh tail --nats {nats_url} --task {task} --from-start")
     return 0
 
