@@ -51,14 +51,36 @@ def parse_policy(text: str, source: str = "ledgermesh.toml") -> Policy:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{source}: {exc}") from exc
+    # Convert agent tables one by one so a mistake is reported as agents.NAME, and all of
+    # them at once rather than the first.
+    mistakes: list[str] = []
+    agents = raw.get("agents", {})
+    if isinstance(agents, dict):
+        for name, table in agents.items():
+            try:
+                msgspec.convert(table, AgentPolicy)
+            except msgspec.ValidationError as exc:
+                mistakes.append(f"agents.{name}: {_where(exc)}")
+    if mistakes:
+        raise PolicyError(f"{source}: " + "; ".join(mistakes))
     try:
         policy = msgspec.convert(raw, Policy)
     except msgspec.ValidationError as exc:
-        raise PolicyError(f"{source}: {exc}") from exc
+        raise PolicyError(f"{source}: {_where(exc)}") from exc
     problems = list(_problems(policy))
     if problems:
         raise PolicyError(f"{source}: " + "; ".join(problems))
     return policy
+
+
+def _where(exc: msgspec.ValidationError) -> str:
+    """msgspec's message with its JSON path turned into TOML dotted keys."""
+    text = str(exc)
+    head, sep, path = text.rpartition(" - at `$")
+    if not sep:
+        return text
+    path = path.rstrip("`").lstrip(".")
+    return f"{head} (at {path})" if path else head
 
 
 def load_policy(path: Path) -> Policy:

@@ -1,0 +1,136 @@
+"""The CLI as a user runs it: real processes, real NATS, real SQLite."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "ledgermesh"]
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, check=False)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object], Path]:
+    data = tmp_path_factory.mktemp("demo")
+    done = run_cli("demo", "--json", "--tasks", "4", "--data-dir", str(data))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout), data / "ledger.db"
+
+
+def test_demo_completes_every_task_and_verifies(demo: tuple[dict[str, object], Path]) -> None:
+    result, ledger = demo
+    assert result["tasks_submitted"] == 4
+    assert result["tasks_completed"] == 4
+    assert result["verified"] is True
+    # 4 tasks x 19 events: submit, 6 assignments, 4 handoffs, 1 decline, 3 implicit
+    # acceptances, 3 notes, completion.
+    assert result["events"] == 4 * 19
+    assert result["ledger"] == str(ledger)
+
+
+def test_replay_after_the_demo_gives_the_same_digest(demo: tuple[dict[str, object], Path]) -> None:
+    result, ledger = demo
+    first = run_cli("replay", "--ledger", str(ledger), "--verify", "--json")
+    second = run_cli("replay", "--ledger", str(ledger), "--verify", "--json")
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert report["digest"] == result["digest"] == json.loads(second.stdout)["digest"]
+    assert report["tasks_by_status"] == {"completed": 4}
+    assert report["verified"] is True
+
+
+def test_audit_tells_the_story_of_a_task(demo: tuple[dict[str, object], Path]) -> None:
+    _, ledger = demo
+    listing = sqlite3.connect(ledger).execute(
+        "SELECT DISTINCT json_extract(state, '$.key') FROM stored_events "
+        "WHERE json_extract(state, '$.aggregate') = 'task'").fetchall()
+    task_id = listing[0][0]
+    done = run_cli("audit", task_id, "--ledger", str(ledger), "--json")
+    assert done.returncode == 0, done.stderr
+    audit = json.loads(done.stdout)
+    steps = [(e["actor"], e["kind"], e["to"]) for e in audit["timeline"]]
+    assert steps[0] == ("client", "submit", "triage")
+    assert ("reviewer", "declined", "writer") in steps
+    assert steps[-1] == ("reviewer", "complete", None)
+    assert audit["chain_ok"] is True
+    human = run_cli("audit", task_id, "--ledger", str(ledger))
+    assert "declined" in human.stdout and "cite the policy section" in human.stdout
+
+
+def test_an_edited_event_is_detected_and_located(demo: tuple[dict[str, object], Path],
+                                                 tmp_path: Path) -> None:
+    _, original = demo
+    ledger = tmp_path / "edited.db"
+    ledger.write_bytes(original.read_bytes())
+    db = sqlite3.connect(ledger)
+    rowid, key = db.execute(
+        "SELECT rowid, json_extract(state, '$.key') FROM stored_events "
+        "WHERE json_extract(state, '$.kind') = 'message.said' ORDER BY rowid LIMIT 1").fetchone()
+    db.execute("UPDATE stored_events SET state = replace(state, 'policy', 'POLICY') "
+               "WHERE rowid = ?", (rowid,))
+    db.commit()
+    db.close()
+    done = run_cli("replay", "--ledger", str(ledger), "--verify")
+    assert done.returncode == 1
+    assert f"chain broken at position {rowid} (task {key}, event message.said)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["replay", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at /nonexistent"),
+        (["audit", "t-1", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at"),
+        (["agent", "run", "agents.examples.support:nobody"],
+         "error: agents.examples.support:nobody is nothing, not an Agent"),
+        (["agent", "run", "no_such_module:agent"], "error: cannot import 'no_such_module'"),
+        (["agent", "run", "missing-colon"], "error: expected module:attr"),
+        (["submit", "--to", "triage", "--title", "x", "--payload", "{not json"],
+         "error: --payload is not valid JSON"),
+        (["submit", "--to", "triage", "--title", "x", "--payload", "[1, 2]"],
+         "error: --payload must be a JSON object"),
+        (["policy", "check", "/nonexistent/ledgermesh.toml"], "error: no policy file at"),
+        (["demo", "--tasks", "0"], "error: --tasks must be at least 1"),
+    ],
+)
+def test_user_mistakes_get_one_clear_line(args: list[str], message: str) -> None:
+    done = run_cli(*args, timeout=30)
+    assert done.returncode != 0
+    assert done.stderr.startswith(message), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_bad_policy_is_reported_with_its_location(tmp_path: Path) -> None:
+    policy = tmp_path / "ledgermesh.toml"
+    policy.write_text('[agents.a]\nhandoff_to = ["ghost"]\ncolour = "blue"\n')
+    done = run_cli("policy", "check", str(policy), timeout=30)
+    assert done.returncode == 2
+    assert "unknown field `colour`" in done.stderr and "agents.a" in done.stderr
+    policy.write_text('[agents.a]\nhandoff_to = ["ghost"]\n')
+    done = run_cli("policy", "check", str(policy), timeout=30)
+    assert "agents.a.handoff_to: unknown agent 'ghost'" in done.stderr
+
+
+def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    done = run_cli("demo", "--data-dir", str(tmp_path), timeout=30)
+    assert done.returncode == 2
+    assert "was not made by the demo" in done.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_help_teaches_the_commands() -> None:
+    done = run_cli("--help", timeout=30)
+    assert done.returncode == 0
+    for command in ("demo", "coordinator", "agent", "submit", "tail", "replay", "audit"):
+        assert command in done.stdout
