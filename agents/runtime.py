@@ -17,7 +17,7 @@ from anyio.abc import TaskStatus
 
 from agents.sdk import Agent, Context
 from bus.client import Bus, BusError, BusSettings, Inbound, open_bus
-from bus.topology import agent_consumer, streams
+from bus.topology import agent_consumer
 from schemas import Codec, Envelope, MalformedMessageError, Subjects
 
 log = logging.getLogger("ledgermesh.agent")
@@ -63,12 +63,8 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
     consumer = agent_consumer(subjects, agent.name)
     bus_settings = BusSettings(url=settings.nats_url, name=subjects.service(agent.name))
     async with open_bus(bus_settings) as bus:
-        try:
-            # Usually the coordinator made these already; creating them again is a no-op.
-            await bus.ensure_streams(streams(subjects))
-            await bus.ensure_consumer(consumer)
-        except BusError as exc:
-            log.info("%s: not creating streams (%s); expecting the coordinator to", agent.name, exc)
+        # Streams and this agent's consumer are the coordinator's to create (from the
+        # policy); until they exist the pull loop waits and says so.
         outbox = _IntakeOutbox(bus, subjects.intake(agent.name), codec)
         send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=concurrency)
         async with anyio.create_task_group() as tg:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -201,11 +202,21 @@ class Bus:
         inbox token so each is accounted for exactly; a request the server forgot (it
         restarted) expires on our side too, and a new one is issued.
         """
+        async with out:  # ours to close: the reader sees the end when pulling stops
+            await self._pull_into(spec, out, batch, expires, task_status)
+
+    async def _pull_into(self, spec: ConsumerSpec, out: MemoryObjectSendStream[Inbound],
+                         batch: int, expires: float, task_status: TaskStatus[None]) -> None:
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(f"{inbox}.*")
         next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
-        pending: dict[str, list[float]] = {}  # token -> [messages still owed, deadline]
+        # token -> [messages still owed, deadline]. The server fills requests in the order
+        # they arrived and delivered messages keep their own subject, so a message is
+        # credited to the oldest request; status messages (on the request's own reply
+        # subject) end exactly the request they name.
+        pending: OrderedDict[str, list[float]] = OrderedDict()
         counter = 0
+        missing_since: float | None = None
         task_status.started()
         try:
             while True:
@@ -223,23 +234,30 @@ class Bus:
                 try:
                     msg = await sub.next_msg(timeout=max(wait, 0.01))
                 except nats.errors.TimeoutError:
+                    # A request the server forgot (it restarted) expires on our side too.
                     now = time.monotonic()
                     for token in [t for t, p in pending.items() if p[1] <= now]:
                         del pending[token]
                     continue
-                token = msg.subject.rsplit(".", 1)[-1]
                 status = (msg.headers or {}).get("Status")
                 if status is not None:
                     if status != "100":  # 100 is a heartbeat; anything else ends the request
-                        pending.pop(token, None)
+                        pending.pop(msg.subject.rsplit(".", 1)[-1], None)
                     if status == "503":  # no such consumer (yet): wait for its creator
+                        now = time.monotonic()
+                        if missing_since is None or now - missing_since > 10:
+                            log.warning("consumer %s on %s does not exist yet; waiting (is the "
+                                        "coordinator running, with this agent in its policy?)",
+                                        spec.durable, spec.stream)
+                            missing_since = now
                         await anyio.sleep(0.5)
                     continue
-                owed_here = pending.get(token)
-                if owed_here is not None:
-                    owed_here[0] -= 1
-                    if owed_here[0] <= 0:
-                        del pending[token]
+                missing_since = None
+                if pending:
+                    oldest = next(iter(pending.values()))
+                    oldest[0] -= 1
+                    if oldest[0] <= 0:
+                        pending.popitem(last=False)
                 meta = msg.metadata
                 await out.send(Inbound(subject=msg.subject, data=msg.data,
                                        headers=dict(msg.headers or {}),
@@ -254,17 +272,21 @@ class Bus:
                             task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow ``subject`` in ``stream`` with an ordered (flow-controlled) consumer."""
         policy = api.DeliverPolicy.ALL if from_start else api.DeliverPolicy.NEW
-        sub = await self._js.subscribe(subject, stream=stream, ordered_consumer=True,
-                                       deliver_policy=policy)
-        task_status.started()
-        try:
-            async for msg in sub.messages:
-                meta = msg.metadata
-                await out.send(Observed(msg.subject, msg.data, dict(msg.headers or {}),
-                                        meta.sequence.stream))
-        finally:
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
+        async with out:
+            sub = await self._call(
+                self._js.subscribe(subject, stream=stream, ordered_consumer=True,
+                                   deliver_policy=policy),
+                f"follow {subject} in stream {stream} (is the coordinator running "
+                "with this --prefix?)")
+            task_status.started()
+            try:
+                async for msg in sub.messages:
+                    meta = msg.metadata
+                    await out.send(Observed(msg.subject, msg.data, dict(msg.headers or {}),
+                                            meta.sequence.stream))
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await sub.unsubscribe()
 
     async def consumer_pending(self, spec: ConsumerSpec) -> int:
         info = await self._call(self._js.consumer_info(spec.stream, spec.durable),

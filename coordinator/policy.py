@@ -32,7 +32,7 @@ class AgentPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     agents: dict[str, AgentPolicy] = {}
     submitters: tuple[str, ...] = ("client",)
-    max_payload_bytes: int = 1_048_576
+    max_payload_bytes: int = 262_144  # below NATS's own 1 MiB max_payload
 
     def is_agent(self, name: str) -> bool:
         return name in self.agents

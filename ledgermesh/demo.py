@@ -26,7 +26,7 @@ from coordinator.ledger.store import open_ledger
 from coordinator.policy import load_policy
 from coordinator.service import utc_now
 from ledgermesh.audit import audit_task, render_audit
-from ledgermesh.processes import Child, spawn, stop_all
+from ledgermesh.processes import Child, spawn, stop_all, wait_ready
 from ledgermesh.style import Style, short, stdout_style
 from schemas import LedgermeshError, LedgerRecord, Subjects
 
@@ -132,7 +132,7 @@ async def _run(data_dir: Path, count: int, style: Style, say: Any, timeout: floa
             say(f"  started coordinator (pid {children[0].pid}) and {len(children) - 1} "
                 f"agents: {agents_line}")
             async with open_bus(BusSettings(url=nats_server.url, name="lm_demo")) as bus:
-                await _wait_ready(bus, subjects, children)
+                await wait_ready(bus, subjects, children)
                 board = await _drive(bus, subjects, count, style, say, timeout, children)
         finally:
             await stop_all(children)
@@ -148,19 +148,6 @@ def _start_services(nats_server: EmbeddedNats, ledger_path: Path, logs: Path) ->
         children.append(spawn(name, ["agent", "run", f"agents.examples.support:{name}", *url],
                               logs))
     return children
-
-
-async def _wait_ready(bus: Bus, subjects: Subjects, children: list[Child]) -> None:
-    with anyio.move_on_after(30) as scope:
-        for child in children:
-            while not await bus.ping(subjects.service(child.name)):
-                if not child.alive():
-                    raise DemoError(f"{child.name} exited during start-up "
-                                    f"(log {child.log_file}):\n{child.log_tail()}")
-    if scope.cancelled_caught:
-        late = [c.name for c in children]
-        raise DemoError(f"services not ready after 30 s: {', '.join(late)}; "
-                        f"see logs in {children[0].log_file.parent}")
 
 
 async def _drive(bus: Bus, subjects: Subjects, count: int, style: Style, say: Any,

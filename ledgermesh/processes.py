@@ -11,6 +11,13 @@ from pathlib import Path
 
 import anyio
 
+from bus.client import Bus
+from schemas import LedgermeshError, Subjects
+
+
+class StartupError(LedgermeshError):
+    """A child service exited or did not become ready."""
+
 
 @dataclass
 class Child:
@@ -58,3 +65,21 @@ async def stop_all(children: list[Child], timeout: float = 10.0) -> None:
         if child.alive():
             child.process.kill()
         child.process.wait()
+
+
+async def wait_ready(bus: Bus, subjects: Subjects, children: list[Child],
+                     timeout: float = 30.0) -> None:
+    """Until every child answers its NATS micro PING (it registers once it is serving)."""
+    waiting = list(children)
+    with anyio.move_on_after(timeout):
+        while waiting:
+            child = waiting[0]
+            if await bus.ping(subjects.service(child.name)):
+                waiting.pop(0)
+            elif not child.alive():
+                raise StartupError(f"{child.name} exited during start-up "
+                                   f"(log {child.log_file}):\n{child.log_tail()}")
+    if waiting:
+        raise StartupError(f"not ready after {timeout:.0f} s: "
+                           f"{', '.join(c.name for c in waiting)}; "
+                           f"see logs in {waiting[0].log_file.parent}")

@@ -14,7 +14,14 @@ from uuid import UUID
 
 import msgspec
 from eventsourcing.application import Application, ProcessingEvent
-from eventsourcing.persistence import Notification, ProcessRecorder, Tracking, Transcoder
+from eventsourcing.persistence import (
+    Notification,
+    ProcessRecorder,
+    ProgrammingError,
+    Tracking,
+    Transcoder,
+)
+from eventsourcing.utils import Environment, EnvType
 
 from coordinator.ledger.events import LedgerEvent
 from schemas import LedgermeshError
@@ -42,6 +49,11 @@ class Ledger(Application[UUID]):
     """Append-only store of LedgerEvents with a notification log and intake tracking."""
 
     name = "ledger"
+
+    def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
+        # Only the settings we pass: the process environment must not reconfigure the
+        # system of record behind the user's back.
+        return Environment(name, dict(env or {}))
 
     def construct_transcoder(self) -> Transcoder:
         return CanonicalTranscoder()
@@ -78,7 +90,7 @@ class Ledger(Application[UUID]):
         return [e for e in self.events.get(aggregate_id) if isinstance(e, LedgerEvent)]
 
 
-def ledger_env(location: str) -> dict[str, str]:
+def ledger_env(location: str, create: bool = True) -> dict[str, str]:
     """eventsourcing settings for a ledger location (a SQLite path or a postgresql:// URL)."""
     if location.startswith(("postgresql://", "postgres://")):
         url = urlsplit(location)
@@ -90,7 +102,7 @@ def ledger_env(location: str) -> dict[str, str]:
             "POSTGRES_PORT": str(url.port or 5432),
             "POSTGRES_USER": unquote(url.username or "postgres"),
             "POSTGRES_PASSWORD": unquote(url.password or ""),
-            "CREATE_TABLE": "y",
+            "CREATE_TABLE": "y" if create else "n",
         }
         if "schema" in query:
             env["POSTGRES_SCHEMA"] = query["schema"][0]
@@ -110,9 +122,17 @@ def open_ledger(location: str, *, create: bool) -> Ledger:
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return Ledger(env=ledger_env(location))
+        ledger = Ledger(env=ledger_env(location, create))
     except Exception as exc:  # eventsourcing wraps driver errors in its own types
         raise LedgerError(f"cannot open ledger at {_redact(location)}: {exc}") from exc
+    if is_postgres and not create:
+        try:
+            ledger.last_position()
+        except ProgrammingError:
+            ledger.close()
+            raise LedgerError(f"no ledger at {_redact(location)} (no ledgermesh tables "
+                              "in that database/schema)") from None
+    return ledger
 
 
 def _redact(location: str) -> str:

@@ -15,7 +15,9 @@ import agents.examples
 from bus.embedded import EmbeddedNats
 from coordinator.ledger.replay import Replay, replay
 from coordinator.ledger.store import open_ledger
-from ledgermesh.processes import Child, spawn, stop_all
+from bus.client import BusSettings, open_bus
+from ledgermesh.processes import Child, spawn, stop_all, wait_ready
+from schemas import Subjects
 
 POLICY = Path(agents.examples.__file__).parent / "ledgermesh.toml"
 TEAM = ("triage", "researcher", "writer", "reviewer")
@@ -41,6 +43,8 @@ async def stack(nats_server: EmbeddedNats, prefix: str, tmp_path: Path) -> Async
     try:
         children += [spawn(name, ["agent", "run", f"agents.examples.support:{name}", *common],
                            tmp_path / "logs") for name in TEAM]
+        async with open_bus(BusSettings(url=nats_server.url, name="test")) as bus:
+            await wait_ready(bus, Subjects(prefix), children)
         yield ledger
     finally:
         await stop_all(children)

@@ -1,0 +1,537 @@
+"""The ledger contract, run against every backend (eventsourcing's tests/persistence.py pattern).
+
+``LedgerContract`` holds the tests; each backend subclass says how to make a fresh ledger
+location and how to reach behind the ledger's back into the database (to tamper with it).
+SQLite always runs; PostgreSQL runs when ``LEDGERMESH_TEST_POSTGRES`` names a DSN such as
+``postgresql://postgres@127.0.0.1:5432/test`` (each test gets its own schema).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+from collections.abc import Generator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+
+from coordinator.ledger.events import (
+    Aggregate,
+    Kind,
+    LedgerEvent,
+    principal_aggregate_id,
+    task_aggregate_id,
+)
+from coordinator.ledger.replay import replay, verify_history
+from coordinator.ledger.state import PrincipalState, TaskState, digest
+from coordinator.ledger.store import Ledger, LedgerError, open_ledger
+from coordinator.ledger.writer import IntakeMessage, LedgerWriter, Recorded
+from coordinator.policy import Policy, parse_policy
+from schemas import (
+    Body,
+    Codec,
+    Complete,
+    Envelope,
+    Fail,
+    HandoffDecision,
+    HandoffRequest,
+    Say,
+    Subjects,
+    SubmitTask,
+)
+
+POSTGRES_ENV = "LEDGERMESH_TEST_POSTGRES"
+POSTGRES_DSN = os.environ.get(POSTGRES_ENV, "")
+
+POLICY: Policy = parse_policy(
+    """
+submitters = ["client"]
+[agents.triage]
+handoff_to = ["researcher"]
+[agents.researcher]
+handoff_to = ["writer"]
+[agents.writer]
+handoff_to = ["reviewer"]
+[agents.reviewer]
+handoff_to = ["writer"]
+""",
+    "inline test policy",
+)
+SUBJECTS = Subjects("lm")
+SENT_AT = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+RECORDED_AT = datetime(2025, 1, 2, 3, 4, 6, tzinfo=UTC)
+_codec = Codec()
+
+
+def fixed_clock() -> datetime:
+    return RECORDED_AT
+
+
+def _env(n: int, sender: str, task_id: str, body: Body, attempt: int = 0) -> Envelope:
+    return Envelope(
+        id=f"m{n:02d}", sender=sender, task_id=task_id, sent_at=SENT_AT, body=body, attempt=attempt
+    )
+
+
+def scenario() -> list[IntakeMessage]:
+    """Intake messages of a small, varied history (seq = stream sequence, from 1)."""
+    said: list[tuple[str, Envelope | bytes]] = [
+        (
+            "client",
+            _env(
+                1,
+                "client",
+                "t1",
+                SubmitTask(to="triage", title="refund?", payload={"question": "refund?"}),
+            ),
+        ),
+        ("triage", _env(2, "triage", "t1", Say(text="routing to research"), 1)),
+        (
+            "triage",
+            _env(
+                3,
+                "triage",
+                "t1",
+                HandoffRequest(to="researcher", reason="lookup", payload={"q": 1}),
+                1,
+            ),
+        ),
+        (
+            "researcher",
+            _env(4, "researcher", "t1", HandoffDecision(accept=False, reason="too vague"), 2),
+        ),
+        ("triage", _env(5, "triage", "t1", HandoffRequest(to="researcher", reason="again"), 3)),
+        ("researcher", _env(6, "researcher", "t1", Say(text="policy 4.2 applies"), 4)),
+        ("researcher", _env(7, "researcher", "t1", Complete(result="approved"), 4)),
+        ("client", _env(8, "client", "t2", SubmitTask(to="writer", title="shipping"))),
+        ("writer", _env(9, "writer", "t2", Fail(reason="no data", retryable=False), 1)),
+        # Spoofed: says it is the writer but arrives on the client's subject.
+        ("client", _env(10, "writer", "t2", Say(text="not me"), 1)),
+        ("mallory", b"{not json"),
+        ("client", _env(12, "client", "t3", SubmitTask(to="reviewer", title="invoice"))),
+    ]
+    out: list[IntakeMessage] = []
+    for seq, (principal, message) in enumerate(said, start=1):
+        data = message if isinstance(message, bytes) else _codec.encode(message)
+        msg_id = message.id if isinstance(message, Envelope) else f"raw-{seq}"
+        out.append(IntakeMessage(seq, SUBJECTS.intake(principal), data, msg_id))
+    return out
+
+
+def fold(events: list[LedgerEvent]) -> str:
+    """The state digest of events folded as the writer produced them (not read back)."""
+    tasks: dict[str, TaskState] = {}
+    principals: dict[str, PrincipalState] = {}
+    for event in events:
+        if event.aggregate == Aggregate.TASK:
+            tasks.setdefault(event.key, TaskState(task_id=event.key)).apply(event)
+        else:
+            principals.setdefault(event.key, PrincipalState(name=event.key)).apply(event)
+    return digest(tasks, principals)
+
+
+def record_scenario(ledger: Ledger) -> list[Recorded]:
+    """Record the scenario in two group commits."""
+    writer = LedgerWriter(ledger, POLICY, SUBJECTS, fixed_clock)
+    messages = scenario()
+    return [writer.record(messages[:6]), writer.record(messages[6:])]
+
+
+def positions_of(ledger: Ledger) -> list[tuple[int, dict[str, object]]]:
+    return [(n.id, msgspec.json.decode(n.state)) for n in ledger.read(0, 10_000)]
+
+
+def position_where(ledger: Ledger, key: str, kind: str, nth: int = 0) -> int:
+    found = [p for p, s in positions_of(ledger) if s["key"] == key and s["kind"] == kind]
+    return found[nth]
+
+
+class LedgerContract:
+    """Behaviour every ledger backend must have. Subclasses provide the fixtures below."""
+
+    @pytest.fixture
+    def location(self) -> Iterator[str]:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def missing_location(self) -> Iterator[str]:
+        """Somewhere reachable that holds no ledger."""
+        raise NotImplementedError
+
+    def overwrite_state(self, location: str, position: int, state: bytes) -> None:
+        raise NotImplementedError
+
+    def delete_event(self, location: str, position: int) -> None:
+        raise NotImplementedError
+
+    def stored_state(self, location: str, position: int) -> bytes:
+        raise NotImplementedError
+
+    def holds_tables(self, location: str) -> bool:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def ledgers(self) -> Iterator[list[Ledger]]:
+        """Ledgers opened by a test, closed at its end (so the database can be dropped)."""
+        opened: list[Ledger] = []
+        yield opened
+        for ledger in opened:
+            ledger.close()
+
+    @pytest.fixture
+    def recorded(self, location: str, ledgers: list[Ledger]) -> list[Recorded]:
+        ledger = open_ledger(location, create=True)
+        ledgers.append(ledger)
+        return record_scenario(ledger)
+
+    def reopen(self, location: str, ledgers: list[Ledger]) -> Ledger:
+        ledger = open_ledger(location, create=False)
+        ledgers.append(ledger)
+        return ledger
+
+    # -- append and replay ----------------------------------------------------------
+    def test_replay_rebuilds_the_state_the_writer_folded(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        written = [e for r in recorded for e in r.events]
+        ledger = self.reopen(location, ledgers)
+        result = replay(ledger)
+
+        assert result.verified, result.breaks
+        assert result.events == len(written) == ledger.last_position()
+        assert [p for r in recorded for p in r.positions] == list(range(1, len(written) + 1))
+        assert result.digest == fold(written)
+
+        t1, t2, t3 = result.tasks["t1"], result.tasks["t2"], result.tasks["t3"]
+        assert (t1.status, t1.result, t1.owner, t1.attempt, t1.hops) == (
+            "completed",
+            "approved",
+            None,
+            4,
+            2,
+        )
+        assert t1.seen == {"m01", "m02", "m03", "m04", "m05", "m06", "m07"}
+        assert (t2.status, t2.failure, t2.rejections) == ("failed", "no data", 1)
+        assert (t3.status, t3.owner, t3.attempt) == ("assigned", "reviewer", 1)
+        assert result.principals["mallory"].rejections == 1
+        kinds = [s["kind"] for _, s in positions_of(ledger) if s["key"] == "t1"]
+        assert kinds == [
+            Kind.SUBMITTED,
+            Kind.ASSIGNED,
+            Kind.SAID,
+            Kind.HANDOFF_REQUESTED,
+            Kind.ASSIGNED,
+            Kind.HANDOFF_DECLINED,
+            Kind.ASSIGNED,
+            Kind.HANDOFF_REQUESTED,
+            Kind.ASSIGNED,
+            Kind.HANDOFF_ACCEPTED,
+            Kind.SAID,
+            Kind.COMPLETED,
+        ]
+        for task_id in ("t1", "t2", "t3"):
+            assert verify_history(ledger.history(task_aggregate_id(task_id))) is None
+        assert verify_history(ledger.history(principal_aggregate_id("mallory"))) is None
+
+    def test_two_replays_have_the_same_digest(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        first = replay(self.reopen(location, ledgers))
+        second = replay(self.reopen(location, ledgers), page=3)  # other page boundaries
+        assert first.verified
+        assert second.verified
+        assert first.digest == second.digest
+        assert first.tasks == second.tasks
+        assert first.principals == second.principals
+        assert (first.events, first.position) == (second.events, second.position)
+
+    def test_replay_to_a_position_stops_there(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        upto = len(recorded[0].events)
+        partial = replay(self.reopen(location, ledgers), to=upto)
+        assert (partial.events, partial.position) == (upto, upto)
+        assert partial.digest == fold(recorded[0].events)
+        assert partial.tasks["t1"].status == "assigned"
+
+    def test_restarted_writer_skips_what_tracking_already_holds(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        messages = scenario()
+        ledger = self.reopen(location, ledgers)
+        before = ledger.last_position()
+        writer = LedgerWriter(ledger, POLICY, SUBJECTS, fixed_clock)
+        assert writer.position == len(messages)
+
+        again = writer.record(messages)  # the whole intake redelivered after a restart
+        assert (again.events, again.positions, again.skipped) == ([], [], len(messages))
+        assert ledger.last_position() == before
+
+        # A resend of a recorded envelope under a new stream sequence (a different
+        # Nats-Msg-Id, so JetStream did not drop it): the ledger knows the envelope id.
+        resent = messages[0]
+        seq = len(messages) + 1
+        dup = writer.record([IntakeMessage(seq, resent.subject, resent.data, "other-id")])
+        assert dup.events == []
+        assert ledger.last_position() == before
+        assert ledger.tracking_position("intake") == seq
+
+        fresh = self.reopen(location, ledgers)  # a third process: cold caches
+        later = LedgerWriter(fresh, POLICY, SUBJECTS, fixed_clock)
+        assert later.position == seq
+        dup2 = later.record([IntakeMessage(seq + 1, resent.subject, resent.data, "third-id")])
+        assert dup2.events == []
+        assert replay(fresh).digest == fold([e for r in recorded for e in r.events])
+
+    # -- tamper detection -------------------------------------------------------------
+    @pytest.mark.parametrize(
+        ("key", "kind", "old", "new"),
+        [
+            pytest.param(
+                "t1", Kind.SUBMITTED, b'"title":"refund?"', b'"title":"refund!"', id="data"
+            ),
+            pytest.param(
+                "t1",
+                Kind.COMPLETED,
+                b'"sender":"researcher"',
+                b'"sender":"reseArcher"',
+                id="sender",
+            ),
+            pytest.param(
+                "t2", Kind.FAILED, b'"recorded_at":"2025', b'"recorded_at":"2024', id="recorded_at"
+            ),
+            pytest.param("t1", Kind.SAID, b'"raw":"ey', b'"raw":"eY', id="raw-envelope"),
+        ],
+    )
+    def test_an_edited_stored_event_breaks_its_chain(
+        self,
+        location: str,
+        recorded: list[Recorded],
+        ledgers: list[Ledger],
+        key: str,
+        kind: Kind,
+        old: bytes,
+        new: bytes,
+    ) -> None:
+        ledger = self.reopen(location, ledgers)
+        clean = replay(ledger)
+        assert clean.verified
+        position = position_where(ledger, key, kind)
+        state = self.stored_state(location, position)
+        assert state.count(old) == 1, state
+        self.overwrite_state(location, position, state.replace(old, new))
+
+        result = replay(self.reopen(location, ledgers))
+        assert not result.verified
+        assert len(result.breaks) == 1, result.breaks  # later links still follow the stored hash
+        found = result.breaks[0]
+        assert (found.position, found.aggregate, found.key, found.kind) == (
+            position,
+            "task",
+            key,
+            kind,
+        )
+        assert "hash" in found.problem
+
+    def test_a_deleted_middle_event_is_detected(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        ledger = self.reopen(location, ledgers)
+        gone = position_where(ledger, "t1", Kind.HANDOFF_DECLINED)
+        successor = position_where(ledger, "t1", Kind.ASSIGNED, nth=2)
+        assert successor > gone
+        self.delete_event(location, gone)
+
+        reopened = self.reopen(location, ledgers)
+        result = replay(reopened)
+        assert not result.verified
+        first = result.breaks[0]
+        assert (first.position, first.aggregate, first.key, first.kind) == (
+            successor,
+            "task",
+            "t1",
+            Kind.ASSIGNED,
+        )
+        assert "missing" in first.problem
+        problem = verify_history(reopened.history(task_aggregate_id("t1")))
+        assert problem is not None
+        assert "missing" in problem
+        # The other tasks are untouched.
+        assert all(b.key == "t1" for b in result.breaks)
+
+    # -- configuration ---------------------------------------------------------------
+    def test_the_process_environment_does_not_reconfigure_the_ledger(
+        self, location: str, ledgers: list[Ledger], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """open_ledger passes eventsourcing an explicit env; variables that happen to be
+        set in the process (eventsourcing reads ``LEDGER_<KEY>`` before ``<KEY>``) must not
+        move the ledger elsewhere or change the bytes the hash chain is taken over."""
+        monkeypatch.setenv("LEDGER_PERSISTENCE_MODULE", "eventsourcing.popo")  # in memory
+        monkeypatch.setenv("COMPRESSOR_TOPIC", "eventsourcing.compressor:ZlibCompressor")
+        ledger = open_ledger(location, create=True)
+        ledgers.append(ledger)
+        written = [e for r in record_scenario(ledger) for e in r.events]
+        monkeypatch.delenv("LEDGER_PERSISTENCE_MODULE")
+        monkeypatch.delenv("COMPRESSOR_TOPIC")
+
+        result = replay(self.reopen(location, ledgers))
+        assert result.events == len(written)
+        assert result.verified, result.breaks[:1]
+        assert self.stored_state(location, 1).startswith(b"{")  # canonical JSON, as hashed
+
+    # -- opening ---------------------------------------------------------------------
+    def test_opening_a_missing_ledger_fails_clearly(
+        self, missing_location: str, ledgers: list[Ledger]
+    ) -> None:
+        with pytest.raises(LedgerError, match=r"^no ledger at "):
+            ledgers.append(open_ledger(missing_location, create=False))
+        assert not self.holds_tables(missing_location)  # and nothing was created there
+
+    def test_create_then_open_existing(self, location: str, ledgers: list[Ledger]) -> None:
+        created = open_ledger(location, create=True)
+        ledgers.append(created)
+        assert created.last_position() == 0
+        assert replay(created).events == 0
+        reopened = self.reopen(location, ledgers)
+        assert reopened.last_position() == 0
+        assert reopened.tracking_position("intake") == 0
+
+
+class TestSqliteLedger(LedgerContract):
+    @pytest.fixture
+    def location(self, tmp_path: Path) -> str:
+        return str(tmp_path / "ledger" / "ledger.db")
+
+    @pytest.fixture
+    def missing_location(self, tmp_path: Path) -> str:
+        return str(tmp_path / "nowhere" / "ledger.db")
+
+    def _connect(self, location: str) -> sqlite3.Connection:
+        return sqlite3.connect(location, isolation_level=None)
+
+    def stored_state(self, location: str, position: int) -> bytes:
+        with self._connect(location) as db:
+            row = db.execute(
+                "SELECT state FROM stored_events WHERE rowid = ?", (position,)
+            ).fetchone()
+        db.close()
+        return bytes(row[0])
+
+    def overwrite_state(self, location: str, position: int, state: bytes) -> None:
+        db = self._connect(location)
+        try:
+            changed = db.execute(
+                "UPDATE stored_events SET state = ? WHERE rowid = ?", (state, position)
+            ).rowcount
+        finally:
+            db.close()
+        assert changed == 1
+
+    def delete_event(self, location: str, position: int) -> None:
+        db = self._connect(location)
+        try:
+            changed = db.execute("DELETE FROM stored_events WHERE rowid = ?", (position,)).rowcount
+        finally:
+            db.close()
+        assert changed == 1
+
+    def holds_tables(self, location: str) -> bool:
+        return Path(location).exists()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(
+    not POSTGRES_DSN,
+    reason=f"set {POSTGRES_ENV}=postgresql://postgres@127.0.0.1:5432/test "
+    "to run the ledger contract on PostgreSQL",
+)
+class TestPostgresLedger(LedgerContract):
+    TABLE = "ledger_events"  # eventsourcing: "<application name>_events"
+
+    def _schema_url(self, schema: str) -> str:
+        sep = "&" if "?" in POSTGRES_DSN else "?"
+        return f"{POSTGRES_DSN}{sep}schema={schema}"
+
+    @staticmethod
+    def _schema_of(location: str) -> str:
+        return location.rsplit("schema=", 1)[1]
+
+    def _admin(self) -> psycopg.Connection[tuple[Any, ...]]:
+        return psycopg.connect(POSTGRES_DSN.split("?", 1)[0], autocommit=True)
+
+    def _fresh_schema(self) -> Generator[str, None, None]:
+        schema = "lmtest_" + uuid.uuid4().hex[:12]
+        with self._admin() as db:
+            db.execute(f'CREATE SCHEMA "{schema}"')
+        try:
+            yield self._schema_url(schema)
+        finally:
+            with self._admin() as db:
+                db.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+    @pytest.fixture
+    def location(self) -> Iterator[str]:
+        yield from self._fresh_schema()
+
+    @pytest.fixture
+    def missing_location(self) -> Iterator[str]:
+        yield from self._fresh_schema()  # the schema exists, the ledger does not
+
+    def stored_state(self, location: str, position: int) -> bytes:
+        with self._admin() as db:
+            row = db.execute(
+                f'SELECT state FROM "{self._schema_of(location)}".{self.TABLE} '
+                "WHERE notification_id = %s",
+                (position,),
+            ).fetchone()
+        assert row is not None
+        return bytes(row[0])
+
+    def overwrite_state(self, location: str, position: int, state: bytes) -> None:
+        with self._admin() as db:
+            cur = db.execute(
+                f'UPDATE "{self._schema_of(location)}".{self.TABLE} SET state = %s '
+                "WHERE notification_id = %s",
+                (state, position),
+            )
+            assert cur.rowcount == 1
+
+    def delete_event(self, location: str, position: int) -> None:
+        with self._admin() as db:
+            cur = db.execute(
+                f'DELETE FROM "{self._schema_of(location)}".{self.TABLE} '
+                "WHERE notification_id = %s",
+                (position,),
+            )
+            assert cur.rowcount == 1
+
+    def holds_tables(self, location: str) -> bool:
+        with self._admin() as db:
+            row = db.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s",
+                (self._schema_of(location),),
+            ).fetchone()
+        assert row is not None
+        return bool(row[0])
+
+    def test_schemas_isolate_ledgers(self, location: str, ledgers: list[Ledger]) -> None:
+        """Two schemas on one database are two ledgers (what keeps these tests apart)."""
+        ledger = open_ledger(location, create=True)
+        ledgers.append(ledger)
+        record_scenario(ledger)
+        other_gen = self._fresh_schema()
+        other = next(other_gen)
+        try:
+            empty = open_ledger(other, create=True)
+            try:
+                assert empty.last_position() == 0
+                assert ledger.last_position() > 0
+            finally:
+                empty.close()
+        finally:
+            other_gen.close()
