@@ -1,12 +1,16 @@
-"""Pure decisions: given a task's state and one intake message, which events to record.
+"""Pure decisions: given a task's state and one intake message (or the clock reaching a
+deadline), which events to record.
 
-No I/O, no clock: everything a decision depends on is an argument, so replay never has
-to re-decide — it folds what was decided.
+No I/O, no clock of its own: ``now`` is an argument, and every decision — a deadline, a
+retry, a dead letter — is recorded as an event, so replay folds decisions, never re-makes
+them.
 """
 
 from __future__ import annotations
 
 import base64
+from datetime import datetime, timedelta
+from typing import Any
 
 import msgspec
 
@@ -22,7 +26,6 @@ from schemas import (
     HandoffRequest,
     Say,
     SubmitTask,
-    is_token,
 )
 
 COORDINATOR = "coordinator"
@@ -42,40 +45,34 @@ def reject_unreadable(principal: str, msg_id: str, raw: bytes, reason: str,
                   data=data, provenance=provenance)]
 
 
-def decide(
-    principal: str, raw: bytes, env: Envelope, task: TaskState | None, policy: Policy
-) -> list[Draft]:
-    """Events for one decoded envelope that arrived on ``principal``'s intake subject."""
+def decide(principal: str, raw: bytes, env: Envelope, task: TaskState | None,
+           policy: Policy, now: datetime, msg_id: str | None = None) -> list[Draft]:
+    """Events for one decoded envelope that arrived on ``principal``'s intake subject.
+
+    ``msg_id`` is the Nats-Msg-Id it arrived with: it must be the envelope id, since
+    JetStream deduplicates on one and the ledger on the other.
+    """
     if task is not None and env.id in task.seen:
         return []  # already recorded: a redelivery or a resend with the same id
-    said = Provenance(
-        msg_id=env.id,
-        sender=env.sender,
-        sent_at=env.sent_at.isoformat(),
-        causation_id=env.causation_id,
-        trace=env.trace,
-        raw=_b64(raw),
-    )
-    problem = _check(principal, env, task, policy)
+    said = Provenance(msg_id=env.id, sender=env.sender, sent_at=env.sent_at.isoformat(),
+                      causation_id=env.causation_id, trace=env.trace, raw=_b64(raw))
+    problem = _check(principal, env, task, policy, msg_id)
     if problem is not None:
-        data = {"code": problem.code, "reason": problem.reason, "subject_principal": principal}
-        on_task = task is not None
-        return [Draft(aggregate=Aggregate.TASK if on_task else Aggregate.PRINCIPAL,
-                      key=env.task_id if on_task else principal,
-                      kind=Kind.REJECTED, data=data, provenance=said)]
+        return [_rejected(principal, env, task, problem, said)]
     labels = {"labels": list(env.labels)} if env.labels else {}
-    decided = Provenance(msg_id=env.id, sender=COORDINATOR, causation_id=env.id)
+    decided = Provenance(msg_id=env.id, sender=COORDINATOR, causation_id=env.id,
+                         trace=env.trace)
 
-    def event(kind: Kind, data: dict[str, object], provenance: Provenance = said) -> Draft:
-        return Draft(aggregate=Aggregate.TASK, key=env.task_id, kind=kind,
-                     data=data, provenance=provenance)
+    def event(kind: Kind, data: dict[str, Any], provenance: Provenance = said) -> Draft:
+        return Draft(aggregate=Aggregate.TASK, key=env.task_id, kind=kind, data=data,
+                     provenance=provenance)
 
     body = env.body
     if isinstance(body, SubmitTask):
         first = event(Kind.SUBMITTED, {"to": body.to, "title": body.title,
                                        "input": body.payload, **labels})
-        assign = _assign(env, body.to, attempt=1, title=body.title, input=body.payload,
-                         labels=list(env.labels))
+        assign = _assign(env, body.to, attempt=1, tries=1, title=body.title,
+                         input=body.payload, labels=list(env.labels), policy=policy, now=now)
         return [first, event(Kind.ASSIGNED, assign, decided)]
 
     assert task is not None  # _check rejects every other body on an unknown task
@@ -85,6 +82,8 @@ def decide(
         # Any output from the receiver of a handoff is its acceptance.
         out.append(event(Kind.HANDOFF_ACCEPTED, {"request_id": offer.request_id,
                                                  "by": env.sender, "implicit": True}, decided))
+    onward = {"title": task.title, "input": task.input, "policy": policy, "now": now,
+              "labels": _merge(task.labels, env.labels), "attempt": task.attempt + 1}
     if isinstance(body, HandoffDecision):
         assert offer is not None
         if body.accept:
@@ -95,33 +94,81 @@ def decide(
             out.append(event(Kind.HANDOFF_DECLINED, {"request_id": offer.request_id,
                                                      "reason": body.reason, "to": offer.by,
                                                      **labels}))
-            back = _assign(env, offer.by, attempt=task.attempt + 1, title=task.title,
-                           input=task.input, labels=_merge(task.labels, env.labels))
-            out.append(event(Kind.ASSIGNED, back, decided))
+            out.append(event(Kind.ASSIGNED, _assign(env, offer.by, tries=1, **onward), decided))
     elif isinstance(body, Say):
         out.append(event(Kind.SAID, {"text": body.text, **labels}))
     elif isinstance(body, HandoffRequest):
         out.append(event(Kind.HANDOFF_REQUESTED, {"to": body.to, "reason": body.reason,
                                                   "payload": body.payload, **labels}))
-        onward = _assign(env, body.to, attempt=task.attempt + 1, title=task.title,
-                         input=task.input, labels=_merge(task.labels, env.labels))
-        out.append(event(Kind.ASSIGNED, onward, decided))
+        out.append(event(Kind.ASSIGNED, _assign(env, body.to, tries=1, **onward), decided))
     elif isinstance(body, Complete):
         out.append(event(Kind.COMPLETED, {"result": body.result, "payload": body.payload,
                                           **labels}))
     elif isinstance(body, Fail):
-        out.append(event(Kind.FAILED, {"reason": body.reason, "retryable": body.retryable,
-                                       **labels}))
+        out += _failed_attempt(task, policy, now, body.reason, body.retryable,
+                               first=event(Kind.ATTEMPT_FAILED, {}), decided=decided)
     return out
 
 
-def _check(principal: str, env: Envelope, task: TaskState | None, policy: Policy) -> Rejection | None:
+def decide_timer(task: TaskState, policy: Policy, now: datetime) -> list[Draft]:
+    """What the clock reaching a task's deadline or retry time decides, if anything."""
+    decided = Provenance(msg_id=f"timer:{task.task_id}:{task.attempt}:{task.tries}",
+                         sender=COORDINATOR,
+                         causation_id=(task.cause or {}).get("envelope", {}).get("id"))
+    if task.status == "assigned" and task.deadline is not None \
+            and datetime.fromisoformat(task.deadline) <= now:
+        assert task.owner is not None
+        first = Draft(aggregate=Aggregate.TASK, key=task.task_id, kind=Kind.TIMED_OUT,
+                      data={}, provenance=decided)
+        reason = f"{task.owner} did not finish attempt {task.attempt} by {task.deadline}"
+        return _failed_attempt(task, policy, now, reason, True, first=first, decided=decided)
+    if task.status == "retrying" and task.retry_at is not None \
+            and datetime.fromisoformat(task.retry_at) <= now and task.cause is not None:
+        cause = msgspec.convert(task.cause["envelope"], Envelope, strict=False)
+        retry = _assign(cause, task.cause["agent"], attempt=task.attempt + 1,
+                        tries=task.tries + 1, title=task.title, input=task.input,
+                        labels=list(task.labels), policy=policy, now=now)
+        provenance = Provenance(msg_id=f"{decided.msg_id}:retry", sender=COORDINATOR,
+                                causation_id=cause.id)
+        return [Draft(aggregate=Aggregate.TASK, key=task.task_id, kind=Kind.ASSIGNED,
+                      data=retry, provenance=provenance)]
+    return []
+
+
+def _failed_attempt(task: TaskState, policy: Policy, now: datetime, reason: str,
+                    retryable: bool, *, first: Draft, decided: Provenance) -> list[Draft]:
+    """An attempt ended without a result: retry after a backoff, or dead-letter the task."""
+    agent = task.owner or ""
+    limit = policy.agents[agent].max_attempts if agent in policy.agents else 1
+    again = retryable and task.tries < limit
+    retry_at = (now + timedelta(seconds=policy.retry_delay(task.tries))).isoformat() \
+        if again else None
+    data = {"agent": agent, "attempt": task.attempt, "tries": task.tries, "reason": reason,
+            "retryable": retryable, "retry_at": retry_at}
+    out = [Draft(aggregate=first.aggregate, key=first.key, kind=first.kind, data=data,
+                 provenance=first.provenance)]
+    if not again:
+        why = (f"{reason} (not retryable)" if not retryable
+               else f"{reason} (after {task.tries} of {limit} attempts)")
+        for kind, extra in ((Kind.DEAD_LETTERED, {"agent": agent, "tries": task.tries}),
+                            (Kind.FAILED, {"retryable": False})):
+            out.append(Draft(aggregate=Aggregate.TASK, key=task.task_id, kind=kind,
+                             data={"reason": why, **extra},
+                             provenance=Provenance(msg_id=decided.msg_id, sender=COORDINATOR,
+                                                   causation_id=decided.causation_id)))
+    return out
+
+
+def _check(principal: str, env: Envelope, task: TaskState | None, policy: Policy,
+           msg_id: str | None) -> Rejection | None:
     """Why this envelope must not be recorded as said, or None if it may."""
     if env.sender != principal:
         return Rejection("spoofed_sender",
-                         f"envelope says sender {env.sender!r} but arrived on {principal!r}'s subject")
-    if not is_token(env.task_id):
-        return Rejection("bad_task_id", f"task id {env.task_id!r} must be 1-128 letters, digits, '-' or '_'")
+                         f"envelope says sender {env.sender!r} but arrived on {principal!r}'s "
+                         "subject")
+    if msg_id is not None and msg_id != env.id:
+        return Rejection("msg_id_mismatch",
+                         f"Nats-Msg-Id {msg_id!r} is not the envelope id {env.id!r}")
     body = env.body
     if isinstance(body, SubmitTask):
         if task is not None:
@@ -138,9 +185,9 @@ def _check(principal: str, env: Envelope, task: TaskState | None, policy: Policy
     if task.owner != env.sender:
         return Rejection("not_owner", f"{env.sender!r} does not own task {env.task_id} "
                                       f"(owner: {task.owner})")
-    if env.attempt != task.attempt:
-        return Rejection("stale_attempt", f"output for attempt {env.attempt}, "
-                                          f"current attempt is {task.attempt}")
+    if env.attempt != task.attempt or task.status != "assigned":
+        return Rejection("stale_attempt", f"output for attempt {env.attempt}; the current "
+                                          f"attempt is {task.attempt} ({task.status})")
     if isinstance(body, HandoffDecision) and task.offer is None:
         return Rejection("no_pending_handoff", "there is no handoff to accept or decline")
     if isinstance(body, HandoffRequest):
@@ -152,12 +199,33 @@ def _check(principal: str, env: Envelope, task: TaskState | None, policy: Policy
     return None
 
 
-def _assign(cause: Envelope, agent: str, *, attempt: int, title: str,
-            input: dict[str, object], labels: list[str]) -> dict[str, object]:
-    delivery = Delivery(id=delivery_id(cause.id, agent), agent=agent, task_id=cause.task_id,
-                        attempt=attempt, title=title, input=input, envelope=cause,
-                        labels=tuple(labels))
-    return {"agent": agent, "attempt": attempt, "delivery": msgspec.to_builtins(delivery)}
+def _rejected(principal: str, env: Envelope, task: TaskState | None, problem: Rejection,
+              said: Provenance) -> Draft:
+    """Record a rejection on the task only if an authenticated participant caused it.
+
+    Otherwise anybody could append to any task's chain; it goes on the principal's record.
+    """
+    data = {"code": problem.code, "reason": problem.reason, "subject_principal": principal,
+            "claimed_sender": env.sender, "task_id": env.task_id}
+    on_task = (task is not None and env.sender == principal
+               and (principal in task.participants or principal == task.submitter))
+    provenance = Provenance(msg_id=said.msg_id, sender=principal, sent_at=said.sent_at,
+                            causation_id=said.causation_id, trace=said.trace, raw=said.raw)
+    return Draft(aggregate=Aggregate.TASK if on_task else Aggregate.PRINCIPAL,
+                 key=env.task_id if on_task else principal, kind=Kind.REJECTED, data=data,
+                 provenance=provenance)
+
+
+def _assign(cause: Envelope, agent: str, *, attempt: int, tries: int, title: str,
+            input: dict[str, Any], labels: list[str], policy: Policy,
+            now: datetime) -> dict[str, Any]:
+    delivery = Delivery(id=delivery_id(cause.id, agent, attempt), agent=agent,
+                        task_id=cause.task_id, attempt=attempt, title=title, input=input,
+                        envelope=cause, labels=tuple(labels))
+    deadline_s = policy.agents[agent].deadline_s if agent in policy.agents else 30.0
+    return {"agent": agent, "attempt": attempt, "tries": tries,
+            "deadline": (now + timedelta(seconds=deadline_s)).isoformat(),
+            "delivery": msgspec.to_builtins(delivery)}
 
 
 def _merge(labels: list[str], more: tuple[str, ...]) -> list[str]:

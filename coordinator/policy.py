@@ -6,6 +6,8 @@ submitters = ["client"]          # principals that may submit tasks (besides age
 [agents.triage]
 description = "Reads a request and routes it"
 handoff_to = ["researcher"]      # whom triage may hand a task to
+deadline_s = 30                  # an assignment not finished by then times out
+max_attempts = 3                 # tries (timeouts, retryable failures) before dead letter
 ```
 """
 
@@ -27,12 +29,15 @@ class AgentPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     description: str = ""
     handoff_to: tuple[str, ...] = ()
     instances: int = 1
+    deadline_s: float = 30.0  # an assignment not finished by then times out
+    max_attempts: int = 3  # tries of one step (timeouts, retryable failures)
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     agents: dict[str, AgentPolicy] = {}
     submitters: tuple[str, ...] = ("client",)
     max_payload_bytes: int = 262_144  # below NATS's own 1 MiB max_payload
+    retry_backoff_s: float = 0.5  # first retry delay; doubles per try, at most 30 s
 
     def is_agent(self, name: str) -> bool:
         return name in self.agents
@@ -40,6 +45,9 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     def may_hand_off(self, sender: str, to: str) -> bool:
         agent = self.agents.get(sender)
         return agent is not None and to in agent.handoff_to
+
+    def retry_delay(self, tries: int) -> float:
+        return min(self.retry_backoff_s * 2 ** max(tries - 1, 0), 30.0)
 
     def may_submit(self, principal: str) -> bool:
         return principal in self.submitters or principal in self.agents
@@ -105,6 +113,10 @@ def _problems(policy: Policy) -> list[str]:
                 out.append(f"agents.{name}.handoff_to: unknown agent {target!r}")
         if agent.instances < 1:
             out.append(f"agents.{name}.instances: must be at least 1")
+        if agent.deadline_s <= 0:
+            out.append(f"agents.{name}.deadline_s: must be positive")
+        if agent.max_attempts < 1:
+            out.append(f"agents.{name}.max_attempts: must be at least 1")
     for name in policy.submitters:
         if not is_token(name):
             out.append(f"submitters: {name!r} is not a valid principal name")

@@ -36,6 +36,9 @@ class Kind(StrEnum):
     HANDOFF_DECLINED = "handoff.declined"
     COMPLETED = "task.completed"
     FAILED = "task.failed"
+    TIMED_OUT = "attempt.timed_out"
+    ATTEMPT_FAILED = "attempt.failed"
+    DEAD_LETTERED = "task.dead_lettered"
     REJECTED = "message.rejected"
 
 
@@ -52,9 +55,9 @@ def principal_aggregate_id(principal: str) -> UUID:
     return uuid5(_NS_PRINCIPAL, principal)
 
 
-def delivery_id(cause_msg_id: str, agent: str) -> str:
-    """The id of the delivery an assignment produces: one per (cause, agent), stable."""
-    return str(uuid5(_NS_DELIVERY, f"{cause_msg_id}:{agent}"))
+def delivery_id(cause_msg_id: str, agent: str, attempt: int) -> str:
+    """The id of the delivery an assignment produces: stable, and new for every retry."""
+    return str(uuid5(_NS_DELIVERY, f"{cause_msg_id}:{agent}:{attempt}"))
 
 
 @dataclass(frozen=True, kw_only=True)

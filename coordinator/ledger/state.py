@@ -28,9 +28,15 @@ class TaskState(msgspec.Struct, kw_only=True):
     task_id: str
     title: str = ""
     input: dict[str, Any] = {}
-    status: str = "new"  # new → assigned → completed | failed
+    status: str = "new"  # new → assigned ⇄ retrying → completed | failed
+    submitter: str = ""
     owner: str | None = None
-    attempt: int = 0
+    participants: list[str] = []  # every agent ever assigned, in order
+    attempt: int = 0  # fencing token: bumped by every assignment
+    tries: int = 0  # tries of the current step (reset by a handoff)
+    deadline: str | None = None  # of the current assignment (ISO 8601)
+    retry_at: str | None = None  # when the current step is tried again
+    cause: dict[str, Any] | None = None  # the delivery of the current step, for retries
     hops: int = 0
     labels: list[str] = []
     offer: Offer | None = None
@@ -44,21 +50,40 @@ class TaskState(msgspec.Struct, kw_only=True):
 
     @property
     def is_open(self) -> bool:
-        return self.status in ("new", "assigned")
+        return self.status in ("new", "assigned", "retrying")
+
+    def next_timer(self) -> str | None:
+        """When the coordinator must next decide something on its own for this task."""
+        if self.status == "assigned":
+            return self.deadline
+        if self.status == "retrying":
+            return self.retry_at
+        return None
 
     def apply(self, event: LedgerEvent) -> None:
         """Fold one event into the state. Must stay deterministic."""
         data = event.data
         kind = event.kind
-        if kind != Kind.REJECTED and kind != Kind.ASSIGNED and event.msg_id:
+        if event.msg_id:
             self.seen.add(event.msg_id)
         if kind == Kind.SUBMITTED:
             self.title = data["title"]
             self.input = data["input"]
+            self.submitter = event.sender
         elif kind == Kind.ASSIGNED:
             self.status = "assigned"
             self.owner = data["agent"]
             self.attempt = data["attempt"]
+            self.tries = data["tries"]
+            self.deadline = data["deadline"]
+            self.retry_at = None
+            self.cause = data["delivery"]
+            if self.owner not in self.participants:
+                self.participants.append(data["agent"])
+        elif kind in (Kind.TIMED_OUT, Kind.ATTEMPT_FAILED):
+            self.status = "retrying"
+            self.deadline = None
+            self.retry_at = data["retry_at"]
         elif kind == Kind.HANDOFF_REQUESTED:
             self.hops += 1
             self.offer = Offer(
@@ -70,10 +95,12 @@ class TaskState(msgspec.Struct, kw_only=True):
             self.status = "completed"
             self.result = data["result"]
             self.owner = None
+            self.deadline = self.retry_at = None
         elif kind == Kind.FAILED:
             self.status = "failed"
             self.failure = data["reason"]
             self.owner = None
+            self.deadline = self.retry_at = None
         elif kind == Kind.REJECTED:
             self.rejections += 1
         for label in data.get("labels", ()):

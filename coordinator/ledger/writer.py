@@ -10,14 +10,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from uuid import UUID
 
+import msgspec
 from eventsourcing.persistence import Tracking
 
-from coordinator.decide import decide, reject_unreadable
+from coordinator.decide import decide, decide_timer, reject_unreadable
 from coordinator.ledger.events import (
     Aggregate,
     Draft,
+    Kind,
     LedgerEvent,
     principal_aggregate_id,
     stamp,
@@ -26,7 +27,7 @@ from coordinator.ledger.events import (
 from coordinator.ledger.state import PrincipalState, TaskState
 from coordinator.ledger.store import Ledger
 from coordinator.policy import Policy
-from schemas import Codec, MalformedMessageError, Subjects, is_token
+from schemas import Codec, MalformedMessageError, Subjects
 
 INTAKE = "intake"  # tracking name of the intake stream
 UNKNOWN_PRINCIPAL = "_unknown"
@@ -60,39 +61,78 @@ class LedgerWriter:
         self._clock = clock
         self._codec = Codec()
         self._cache_size = cache_size
+        self._touched: set[str] = set()  # aggregates advanced by the batch in progress
         self._tasks: OrderedDict[str, TaskState | None] = OrderedDict()
         self._principals: dict[str, PrincipalState] = {}
         self.position = ledger.tracking_position(INTAKE)
+        # task id -> when the coordinator must next decide for it (deadline or retry).
+        self.timers: dict[str, datetime] = open_timers(ledger)
 
     def record(self, batch: Sequence[IntakeMessage]) -> Recorded:
-        events: list[LedgerEvent] = []
-        skipped = 0
+        """Decide and store a batch of intake messages with their tracking position."""
+        now = self._clock()
         top = self.position
-        touched: set[str] = set()
-        recorded_at = self._clock().isoformat()
-        try:
+        skipped = 0
+
+        def decide_all() -> list[LedgerEvent]:
+            nonlocal top, skipped
+            events = []
             for message in batch:
                 if message.seq <= top:
                     skipped += 1
                     continue
                 top = message.seq
-                for draft in self._decide(message):
-                    touched.add(draft.key)
-                    events.append(self._seal(draft, recorded_at))
-            if top == self.position:
-                return Recorded([], [], skipped)
-            positions = self._ledger.append(events, Tracking(INTAKE, top))
-        except BaseException:
-            # In-memory states were advanced for events that may not be stored: forget
-            # them, the next read reloads from the database.
-            for key in touched:
-                self._tasks.pop(key, None)
-                self._principals.pop(key, None)
-            raise
+                events += [self._seal(d, now) for d in self._decide(message, now)]
+            return events
+
+        events, positions = self._commit(decide_all, lambda: Tracking(INTAKE, top)
+                                         if top > self.position else None)
         self.position = top
         return Recorded(events, positions, skipped)
 
-    def _decide(self, message: IntakeMessage) -> list[Draft]:
+    def tick(self) -> Recorded:
+        """Record what the clock decides: timeouts of overdue assignments, due retries."""
+        now = self._clock()
+        due = sorted(task_id for task_id, when in self.timers.items() if when <= now)
+        if not due:
+            return Recorded([], [], 0)
+
+        def decide_due() -> list[LedgerEvent]:
+            events = []
+            for task_id in due:
+                task = self._task(task_id)
+                if task is None:
+                    self.timers.pop(task_id, None)
+                    continue
+                events += [self._seal(d, now) for d in decide_timer(task, self._policy, now)]
+            return events
+
+        events, positions = self._commit(decide_due, lambda: None)
+        return Recorded(events, positions, 0)
+
+    def _commit(self, decide_events: Callable[[], list[LedgerEvent]],
+                tracking: Callable[[], Tracking | None]) -> tuple[list[LedgerEvent], list[int]]:
+        touched_before = set(self._touched)
+        try:
+            events = decide_events()
+            position = tracking()
+            if not events and position is None:
+                return [], []
+            positions = self._ledger.append(events, position)
+        except BaseException:
+            # In-memory states were advanced for events that may not be stored: forget
+            # them, the next read reloads from the database.
+            for key in self._touched - touched_before:
+                self._tasks.pop(key, None)
+                self._principals.pop(key, None)
+                self.timers.pop(key, None)
+            self._touched = touched_before
+            raise
+        finally:
+            self._touched.clear()
+        return events, positions
+
+    def _decide(self, message: IntakeMessage, now: datetime) -> list[Draft]:
         principal = self._subjects.principal_of(message.subject) or UNKNOWN_PRINCIPAL
         msg_id = message.msg_id or f"seq-{message.seq}"
         if len(message.data) > self._policy.max_payload_bytes:
@@ -103,10 +143,12 @@ class LedgerWriter:
             envelope = self._codec.decode_envelope(message.data, message.subject)
         except MalformedMessageError as exc:
             return reject_unreadable(principal, msg_id, message.data, exc.reason)
-        task = self._task(envelope.task_id) if is_token(envelope.task_id) else None
-        return decide(principal, message.data, envelope, task, self._policy)
+        task = self._task(envelope.task_id)
+        return decide(principal, message.data, envelope, task, self._policy, now,
+                      message.msg_id)
 
-    def _seal(self, draft: Draft, recorded_at: str) -> LedgerEvent:
+    def _seal(self, draft: Draft, now: datetime) -> LedgerEvent:
+        self._touched.add(draft.key)
         state: TaskState | PrincipalState
         if draft.aggregate is Aggregate.TASK:
             task = self._task(draft.key)
@@ -115,8 +157,14 @@ class LedgerWriter:
         else:
             state = self._principal(draft.key)
         event = stamp(draft, version=state.version + 1, prev_hash=state.head,
-                      recorded_at=recorded_at)
+                      recorded_at=now.isoformat())
         state.apply(event)
+        if isinstance(state, TaskState):
+            when = state.next_timer()
+            if when is None:
+                self.timers.pop(draft.key, None)
+            else:
+                self.timers[draft.key] = datetime.fromisoformat(when)
         return event
 
     def _task(self, task_id: str) -> TaskState | None:
@@ -148,5 +196,24 @@ class LedgerWriter:
         return state
 
 
-def aggregate_uuid(aggregate: str, key: str) -> UUID:
-    return task_aggregate_id(key) if aggregate == Aggregate.TASK else principal_aggregate_id(key)
+def open_timers(ledger: Ledger, page: int = 2000) -> dict[str, datetime]:
+    """Deadlines and retry times of every open task, from one pass over the log.
+
+    Only the last timer-relevant event of each task matters, so this keeps one entry per
+    open task, not their states.
+    """
+    timers: dict[str, datetime] = {}
+    decoder = msgspec.json.Decoder()
+    after = 0
+    while notifications := ledger.read(after, page):
+        for n in notifications:
+            state = decoder.decode(n.state)
+            kind, data, key = state["kind"], state["data"], state["key"]
+            if kind == Kind.ASSIGNED:
+                timers[key] = datetime.fromisoformat(data["deadline"])
+            elif kind in (Kind.TIMED_OUT, Kind.ATTEMPT_FAILED) and data["retry_at"]:
+                timers[key] = datetime.fromisoformat(data["retry_at"])
+            elif kind in (Kind.COMPLETED, Kind.FAILED, Kind.TIMED_OUT, Kind.ATTEMPT_FAILED):
+                timers.pop(key, None)
+            after = n.id
+    return timers

@@ -328,11 +328,12 @@ async def test_bad_input_is_rejected_with_a_reason_and_the_coordinator_keeps_ser
                 "t1",
             ),
             (
+                # Not a participant of t1: recorded on its own record, not t1's chain.
                 "researcher",
                 envelope("n-1", "researcher", "t1", Say(text="mine now"), 1),
                 "not_owner",
-                "task",
-                "t1",
+                "principal",
+                "researcher",
             ),
             (
                 "triage",
@@ -357,8 +358,13 @@ async def test_bad_input_is_rejected_with_a_reason_and_the_coordinator_keeps_ser
             ),
             ("client", submit("dup-submit", "t1"), "task_exists", "task", "t1"),
         ]
+        mismatched = envelope("m-1", "triage", "t1", Say(text="id games"), 1)
         for n, (principal, message, *_) in enumerate(bad):
-            ack = await h.say(principal, message, msg_id=f"bad-{n}")
+            # Envelopes go out with their own id as Nats-Msg-Id, as every sender must.
+            ack = await h.say(principal, message,
+                              msg_id=None if isinstance(message, Envelope) else f"bad-{n}")
+        ack = await h.say("triage", mismatched, msg_id="not-the-envelope-id")
+        bad.append(("triage", mismatched, "msg_id_mismatch", "task", "t1"))
         await h.recorded(ack)
 
         rejected = [s for _, s in h.events() if s["kind"] == Kind.REJECTED]

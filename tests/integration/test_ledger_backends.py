@@ -216,7 +216,9 @@ class LedgerContract:
             2,
         )
         assert t1.seen == {"m01", "m02", "m03", "m04", "m05", "m06", "m07"}
-        assert (t2.status, t2.failure, t2.rejections) == ("failed", "no data", 1)
+        assert (t2.status, t2.failure, t2.rejections) == ("failed", "no data (not retryable)", 0)
+        # The spoof is on the record of the subject it came from, not on t2's chain.
+        assert result.principals["client"].rejections == 1
         assert (t3.status, t3.owner, t3.attempt) == ("assigned", "reviewer", 1)
         assert result.principals["mallory"].rejections == 1
         kinds = [s["kind"] for _, s in positions_of(ledger) if s["key"] == "t1"]

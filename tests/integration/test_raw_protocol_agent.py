@@ -563,7 +563,9 @@ async def test_rejections_are_recorded_and_relayed(nats_server: EmbeddedNats, pr
         (junk_id, "malformed"), (spoofed["id"], "spoofed_sender"),
         (orphan["id"], "unknown_task"), (nobody["id"], "unknown_agent")]
     assert all(c.event["data"]["subject_principal"] == "client" for c in copies)
-    assert [c.event["sender"] for c in copies] == ["client", "echo", "client", "client"]
+    # The rejection's sender is the authenticated subject; the claim is kept as data.
+    assert [c.event["sender"] for c in copies] == ["client"] * 4
+    assert copies[1].event["data"]["claimed_sender"] == "echo"
     assert decoded_raw(copies[0]) == b"not json"
     verify_chain(copies)
 

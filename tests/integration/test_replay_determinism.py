@@ -195,7 +195,8 @@ def test_the_scenario_exercises_sets_labels_and_rejections(
     assert here["verified"] is True
     assert here["events"] == result.events > 60
     assert all(len(t.seen) >= 6 for t in result.tasks.values())
-    assert all(t.rejections >= 1 for t in result.tasks.values())
+    # One not_owner per task (on the non-participant's own record) plus one spoof.
+    assert sum(p.rejections for p in result.principals.values()) >= len(result.tasks) + 1
     assert result.tasks["task-0"].labels[:2] == ["untrusted", "src0"]
     assert result.principals["mallory"].rejections == 1
     assert {t.status for t in result.tasks.values()} == {"completed", "assigned"}
