@@ -17,6 +17,7 @@ from anyio.abc import TaskStatus
 
 from agents.sdk import Agent, Context
 from bus.client import Bus, BusError, BusSettings, Inbound, open_bus
+from bus.faults import CrashPoints
 from bus.topology import agent_consumer
 from schemas import Codec, Envelope, MalformedMessageError, Subjects
 
@@ -33,6 +34,7 @@ class AgentSettings:
     subjects: Subjects = Subjects()
     concurrency: int | None = None  # default: the Agent's own
     clock: Callable[[], datetime] = utc_now
+    crash: CrashPoints = CrashPoints()
 
 
 class _IntakeOutbox:
@@ -70,7 +72,7 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
         async with anyio.create_task_group() as tg:
             await tg.start(bus.serve_pull, consumer, send)
             for _ in range(concurrency):
-                tg.start_soon(_work, agent, receive.clone(), outbox, codec, settings.clock,
+                tg.start_soon(_work, agent, receive.clone(), outbox, codec, settings,
                               counters)
             receive.close()
 
@@ -90,7 +92,7 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
 
 
 async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
-                outbox: _IntakeOutbox, codec: Codec, clock: Callable[[], datetime],
+                outbox: _IntakeOutbox, codec: Codec, settings: AgentSettings,
                 counters: _Counters) -> None:
     async with receive:
         async for message in receive:
@@ -100,7 +102,8 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
                 log.error("%s: dropping an unreadable delivery: %s", agent.name, exc)
                 await message.ack()
                 continue
-            ctx = Context(agent.name, delivery, outbox, clock)
+            ctx = Context(agent.name, delivery, outbox, settings.clock)
+            settings.crash.reached("agent.handler", message.data)
             body = delivery.envelope.body
             handler = agent.handler_for(body)
             try:
@@ -121,4 +124,5 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
                 log.exception("%s: handler failed on task %s", agent.name, delivery.task_id)
                 if not ctx.finished:
                     await ctx.fail(f"{type(exc).__name__}: {exc}", retryable=True)
+            settings.crash.reached("agent.before_ack", message.data)
             await message.ack()

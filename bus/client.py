@@ -9,13 +9,15 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import nats
+import nkeys
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
@@ -42,8 +44,46 @@ class BusSettings:
     url: str
     name: str
     request_timeout: float = 5.0
-    nkey_seed: str | None = None
-    inbox_prefix: str | None = None
+    nkey_seed: str | None = None  # None: the credentials in use (``use_credentials``), if any
+    inbox_prefix: str | None = None  # e.g. "_INBOX.<principal>"; the server allows only that
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who a process is to NATS: an nkey user seed and the inbox prefix it may subscribe to."""
+
+    nkey_seed: str = field(repr=False)
+    inbox_prefix: str
+
+    @classmethod
+    def for_principal(cls, nkey_seed: str, principal: str) -> Credentials:
+        return cls(nkey_seed=nkey_seed, inbox_prefix=f"_INBOX.{principal}")
+
+
+_credentials: ContextVar[Credentials | None] = ContextVar("ledgermesh_credentials", default=None)
+
+
+@contextmanager
+def use_credentials(credentials: Credentials | None) -> Iterator[None]:
+    """Connections opened in this context (and tasks started from it) use ``credentials``
+    wherever their ``BusSettings`` name none. For services that build their own settings."""
+    token = _credentials.set(credentials)
+    try:
+        yield
+    finally:
+        _credentials.reset(token)
+
+
+def check_nkey_seed(seed: str) -> str:
+    """The public key of a user seed; BusError if ``seed`` is not one."""
+    try:
+        public = nkeys.from_seed(bytearray(seed.strip().encode())).public_key
+    except (nkeys.NkeysError, ValueError, TypeError) as exc:
+        raise BusError(f"not a valid nkey seed ({type(exc).__name__})") from None
+    text = public.decode() if isinstance(public, bytes) else str(public)
+    if not text.startswith("U"):
+        raise BusError("not a user nkey seed (user seeds start with 'SU')")
+    return text
 
 
 @dataclass(frozen=True)
@@ -180,6 +220,13 @@ class Bus:
                     raise BusError(f"publish to {subject} refused: {exc.description}") from exc
                 acks.append(PubAck(ack.stream, ack.seq, bool(ack.duplicate)))
         return acks
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Until the server has everything published so far (acks included)."""
+        try:
+            await self._nc.flush(timeout=timeout)
+        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+            raise BusError(f"flush: {exc}") from exc
 
     async def last_msg_id(self, stream: str) -> str | None:
         """The Nats-Msg-Id of the newest message in ``stream``, or None if it is empty."""
@@ -327,6 +374,14 @@ class Bus:
                                                   handler=handle))
 
 
+async def _abandon(nc: Client) -> None:
+    with anyio.CancelScope(shield=True):
+        try:
+            await nc.close()
+        except Exception:  # a half-open client; nothing more to release
+            log.debug("closing an unconnected client failed", exc_info=True)
+
+
 @asynccontextmanager
 async def open_bus(settings: BusSettings,
                    on_event: Callable[[str], None] | None = None) -> AsyncIterator[Bus]:
@@ -347,25 +402,56 @@ async def open_bus(settings: BusSettings,
         note("reconnected")
 
     options: dict[str, Any] = {}
-    if settings.nkey_seed is not None:
-        options["nkeys_seed_str"] = settings.nkey_seed
-    if settings.inbox_prefix is not None:
-        options["inbox_prefix"] = settings.inbox_prefix
+    ambient = _credentials.get()
+    seed = settings.nkey_seed if settings.nkey_seed is not None else (
+        ambient.nkey_seed if ambient is not None else None)
+    inbox_prefix = settings.inbox_prefix if settings.inbox_prefix is not None else (
+        ambient.inbox_prefix if ambient is not None else None)
+    if seed is not None:
+        try:
+            check_nkey_seed(seed)
+        except BusError as exc:
+            raise BusError(f"cannot connect to NATS at {settings.url}: {exc}") from None
+        options["nkeys_seed_str"] = seed.strip()
+    if inbox_prefix is not None:
+        options["inbox_prefix"] = inbox_prefix
+    # The server refusing who we are is final: don't retry it until the deadline.
+    refused: list[str] = []
+    connected = False
+    nc = Client()
+
+    async def connect_error_cb(exc: Exception) -> None:
+        text = str(exc)
+        if not connected and "authorization violation" in text.lower():
+            refused.append(text.strip().removeprefix("nats: ").strip("'"))
+            connecting.cancel()
+            return
+        await error_cb(exc)
+
     try:
         # Reconnect forever once connected, but fail the first connect within a deadline:
         # a wrong URL must be an error, not a silent hang.
-        with anyio.fail_after(settings.request_timeout):
-            nc = await nats.connect(
+        with anyio.fail_after(settings.request_timeout), anyio.CancelScope() as connecting:
+            await nc.connect(
                 settings.url, name=settings.name, max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5, allow_reconnect=True,
-                connect_timeout=settings.request_timeout, error_cb=error_cb,
+                connect_timeout=settings.request_timeout, error_cb=connect_error_cb,
                 disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb, **options,
             )
     except TimeoutError:
+        await _abandon(nc)
         raise BusError(f"cannot connect to NATS at {settings.url}: no server answered within "
                        f"{settings.request_timeout:.0f} s") from None
     except (OSError, nats.errors.Error) as exc:
+        await _abandon(nc)
         raise BusError(f"cannot connect to NATS at {settings.url}: {exc or type(exc).__name__}") from exc
+    if refused or not nc.is_connected:
+        await _abandon(nc)
+        how = "with nkey credentials" if seed is not None else "without credentials"
+        raise BusError(f"NATS at {settings.url} refused the connection {how}: "
+                       f"{refused[0] if refused else 'not connected'} (check --nkey or "
+                       "LEDGERMESH_NKEY)")
+    connected = True  # from now on errors are notes, never fatal
     try:
         yield Bus(nc, settings)
     finally:

@@ -12,6 +12,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from bus.client import Bus, Inbound
+from bus.faults import CrashPoints
 from bus.topology import coordinator_consumer
 from coordinator.health import Health
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter
@@ -23,7 +24,7 @@ log = logging.getLogger("ledgermesh.coordinator.intake")
 
 async def serve_intake(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLimiter,
                        subjects: Subjects, relay: Doorbell, health: Health,
-                       batch_max: int = 256, *,
+                       batch_max: int = 256, crash: CrashPoints = CrashPoints(), *,
                        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=batch_max * 2)
     async with anyio.create_task_group() as tg, receive:
@@ -37,9 +38,12 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLi
                     batch.append(receive.receive_nowait())
                 except anyio.WouldBlock:
                     break
+            crash.reached("coordinator.after_receive", batch[0].data)
             await _record_until_stored(batch, writer, limiter, health)
+            crash.reached("coordinator.after_commit", batch[0].data)
             for message in batch:
                 await message.ack()
+            await bus.flush()  # the acks are on the wire before anything else happens
             relay.ring()
 
 

@@ -17,6 +17,7 @@ from anyio.abc import TaskStatus
 from eventsourcing.persistence import Notification
 
 from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID, Bus, BusError
+from bus.faults import CrashPoints
 from coordinator.health import Health
 from coordinator.ledger.events import Kind
 from coordinator.ledger.store import Ledger
@@ -58,8 +59,8 @@ def outbox_items(notifications: Sequence[Notification], subjects: Subjects,
 
 
 async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
-                      subjects: Subjects, doorbell: Doorbell, health: Health, *,
-                      page: int = 512,
+                      subjects: Subjects, doorbell: Doorbell, health: Health,
+                      crash: CrashPoints = CrashPoints(), *, page: int = 512,
                       task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     position = subjects.ledger_position(await bus.last_msg_id(subjects.ledger_stream))
     health.relayed_position = position
@@ -70,6 +71,7 @@ async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
         if not notifications:
             await doorbell.wait(timeout=1.0)
             continue
+        crash.reached("coordinator.before_relay", notifications[-1].state)
         try:
             await bus.publish_all(outbox_items(notifications, subjects, position))
         except (BusError, TimeoutError) as exc:

@@ -12,6 +12,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from bus.client import BusSettings, open_bus
+from bus.faults import CrashPoints
 from bus.topology import agent_consumer, coordinator_consumer, streams
 from coordinator.health import Health
 from coordinator.intake import serve_intake
@@ -20,6 +21,7 @@ from coordinator.ledger.writer import LedgerWriter
 from coordinator.policy import Policy
 from coordinator.relay import serve_relay
 from coordinator.signals import Doorbell
+from coordinator.timer import serve_timer
 from schemas import Subjects
 
 log = logging.getLogger("ledgermesh.coordinator")
@@ -37,6 +39,7 @@ class CoordinatorSettings:
     subjects: Subjects = Subjects()
     batch_max: int = 256
     clock: Callable[[], datetime] = utc_now
+    crash: CrashPoints = CrashPoints()
 
 
 async def run_coordinator(settings: CoordinatorSettings, *,
@@ -63,12 +66,16 @@ async def run_coordinator(settings: CoordinatorSettings, *,
         async with open_bus(bus_settings, on_bus_event) as bus:
             await bus.ensure_streams(streams(subjects, settings.policy.max_payload_bytes * 2))
             await bus.ensure_consumer(coordinator_consumer(subjects))
-            for agent in settings.policy.agents:
-                await bus.ensure_consumer(agent_consumer(subjects, agent))
+            for name, agent in settings.policy.agents.items():
+                # Redeliver an unacked delivery no sooner than the agent's deadline: a
+                # retry is the timer's decision, recorded, not the broker's.
+                await bus.ensure_consumer(agent_consumer(subjects, name, agent.deadline_s))
             async with anyio.create_task_group() as tg:
-                await tg.start(serve_relay, bus, ledger, limiter, subjects, doorbell, health)
+                await tg.start(serve_relay, bus, ledger, limiter, subjects, doorbell, health,
+                               settings.crash)
                 await tg.start(serve_intake, bus, writer, limiter, subjects, doorbell, health,
-                               settings.batch_max)
+                               settings.batch_max, settings.crash)
+                await tg.start(serve_timer, writer, limiter, doorbell, health)
                 await bus.add_service(subjects.service("coordinator"), "0.1.0",
                                       "ledgermesh coordinator", {"prefix": subjects.prefix},
                                       lambda: msgspec.json.encode(health.report()))

@@ -12,6 +12,7 @@ from anyio.abc import TaskStatus
 
 from agents import load_agent
 from agents.runtime import AgentSettings, run_agent
+from bus.faults import CrashPoints
 from coordinator.policy import load_policy
 from coordinator.service import CoordinatorSettings, run_coordinator
 from schemas import Subjects
@@ -36,7 +37,8 @@ async def run_until_signalled(service: Callable[[TaskStatus[None]], Awaitable[No
 
 def coordinator_run(nats_url: str, ledger: str, config: Path, prefix: str) -> None:
     settings = CoordinatorSettings(nats_url=nats_url, ledger=ledger,
-                                   policy=load_policy(config), subjects=Subjects(prefix))
+                                   policy=load_policy(config), subjects=Subjects(prefix),
+                                   crash=CrashPoints.from_environment())
 
     async def service(task_status: TaskStatus[None]) -> None:
         await run_coordinator(settings, task_status=task_status)
@@ -47,7 +49,7 @@ def coordinator_run(nats_url: str, ledger: str, config: Path, prefix: str) -> No
 def agent_run(spec: str, nats_url: str, prefix: str, concurrency: int | None) -> None:
     agent = load_agent(spec)
     settings = AgentSettings(nats_url=nats_url, subjects=Subjects(prefix),
-                             concurrency=concurrency)
+                             concurrency=concurrency, crash=CrashPoints.from_environment())
 
     async def service(task_status: TaskStatus[None]) -> None:
         await run_agent(agent, settings, task_status=task_status)
