@@ -15,6 +15,8 @@ Run it: ``ledgermesh agent run myapp.agents:writer --nats nats://127.0.0.1:4222`
 
 from __future__ import annotations
 
-from agents.sdk import Agent, AgentLoadError, Context, load_agent
+from agents.sdk import Agent, AgentLoadError, Context, ToolDeniedError, ToolError, load_agent
+from agents.tools import ToolHost
 
-__all__ = ["Agent", "AgentLoadError", "Context", "load_agent"]
+__all__ = ["Agent", "AgentLoadError", "Context", "ToolDeniedError", "ToolError", "ToolHost",
+           "load_agent"]

@@ -19,9 +19,10 @@ from agents.sdk import Agent, Context
 from bus.client import Bus, BusError, BusSettings, Inbound, open_bus
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer
-from schemas import Codec, Envelope, MalformedMessageError, Subjects
+from schemas import Codec, Envelope, MalformedMessageError, Subjects, ToolOutcome
 
 log = logging.getLogger("ledgermesh.agent")
+_outcome = msgspec.json.Decoder(ToolOutcome)
 
 
 def utc_now() -> datetime:
@@ -40,13 +41,27 @@ class AgentSettings:
 class _IntakeOutbox:
     """Publishes a handler's outputs to the agent's own intake subject."""
 
-    def __init__(self, bus: Bus, subject: str, codec: Codec) -> None:
+    def __init__(self, bus: Bus, subjects: Subjects, agent: str, codec: Codec) -> None:
         self._bus = bus
-        self._subject = subject
+        self._subject = subjects.intake(agent)
+        self._gateway = subjects.tool_gateway(agent)
         self._codec = codec
 
     async def send(self, envelope: Envelope) -> None:
         await self._bus.publish(self._subject, self._codec.encode(envelope), msg_id=envelope.id)
+
+    async def call_tool(self, envelope: Envelope, timeout: float) -> ToolOutcome:
+        # The same envelope (same id) on every try: the gateway answers a repeat from the
+        # ledger, so retrying after a lost reply never runs the tool twice.
+        data = self._codec.encode(envelope)
+        for attempt in range(3):
+            try:
+                return _outcome.decode(await self._bus.request(self._gateway, data, timeout))
+            except BusError:
+                if attempt == 2:
+                    raise
+                await anyio.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
 
 @dataclass
@@ -67,7 +82,7 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
     async with open_bus(bus_settings) as bus:
         # Streams and this agent's consumer are the coordinator's to create (from the
         # policy); until they exist the pull loop waits and says so.
-        outbox = _IntakeOutbox(bus, subjects.intake(agent.name), codec)
+        outbox = _IntakeOutbox(bus, subjects, agent.name, codec)
         send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=concurrency)
         async with anyio.create_task_group() as tg:
             await tg.start(bus.serve_pull, consumer, send)

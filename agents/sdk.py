@@ -19,11 +19,14 @@ from schemas import (
     Delivery,
     Envelope,
     Fail,
+    Failure,
     HandoffDecision,
     HandoffRequest,
     LedgermeshError,
     Say,
     SubmitTask,
+    ToolCall,
+    ToolOutcome,
     is_token,
 )
 
@@ -38,9 +41,25 @@ class AgentLoadError(LedgermeshError):
 
 
 class Outbox(Protocol):
-    """Where a Context sends what it says: the runtime publishes it to intake."""
+    """Where a Context sends what it says: the runtime publishes it to intake, and asks
+    the coordinator's tool gateway for tool calls."""
 
     async def send(self, envelope: Envelope) -> None: ...
+
+    async def call_tool(self, envelope: Envelope, timeout: float) -> ToolOutcome: ...
+
+
+class ToolError(LedgermeshError):
+    """A tool call did not produce a result; ``failure`` says why (as data)."""
+
+    def __init__(self, tool: str, failure: Failure) -> None:
+        super().__init__(f"tool {tool}: {failure.type}: {failure.message}")
+        self.tool = tool
+        self.failure = failure
+
+
+class ToolDeniedError(ToolError):
+    """Policy refused the call (recorded in the ledger with the rule that refused it)."""
 
 
 class Agent:
@@ -125,6 +144,20 @@ class Context:
         await self._send(Complete(result=result, payload=payload or {}))
         self.finished = True
 
+    async def tool(self, name: str, *, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+        """Run a tool through the coordinator's gateway: authorized, recorded, once.
+
+        Returns the tool's result; raises ``ToolDeniedError`` if policy refused it and
+        ``ToolError`` if it failed. Its id is deterministic, so a handler re-run after a
+        crash gets the recorded answer instead of running the tool again.
+        """
+        envelope = self._envelope(ToolCall(tool=name, args=args))
+        outcome = await self._outbox.call_tool(envelope, timeout)
+        if outcome.ok:
+            return outcome.result
+        failure = outcome.error or Failure(type="tool_error", message="no result")
+        raise (ToolDeniedError if failure.type == "denied" else ToolError)(name, failure)
+
     async def fail(self, reason: str, *, retryable: bool = False) -> None:
         await self._send(Fail(reason=reason, retryable=retryable))
         self.finished = True
@@ -136,8 +169,12 @@ class Context:
         if self.finished:
             raise RuntimeError(f"task {self.task_id}: {self.agent} already handed it on "
                                "or finished it; nothing more may be said")
+        await self._outbox.send(self._envelope(body))
+
+    def _envelope(self, body: Body) -> Envelope:
+        """The next output, with the n-th deterministic id of this delivery."""
         self._count += 1
-        envelope = Envelope(
+        return Envelope(
             id=self.output_id(self._count),
             sender=self.agent,
             task_id=self.task_id,
@@ -148,7 +185,6 @@ class Context:
             labels=self.delivery.labels,
             attempt=self.delivery.attempt,
         )
-        await self._outbox.send(envelope)
 
 
 def load_agent(spec: str) -> Agent:

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -44,8 +44,10 @@ class BusSettings:
     url: str
     name: str
     request_timeout: float = 5.0
-    nkey_seed: str | None = None  # None: the credentials in use (``use_credentials``), if any
+    # None: taken from the credentials in use (``use_credentials``), if any.
+    nkey_seed: str | None = field(default=None, repr=False)
     inbox_prefix: str | None = None  # e.g. "_INBOX.<principal>"; the server allows only that
+    js_api_prefix: str | None = None  # JetStream API imported from another account
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,13 @@ class Credentials:
 
     nkey_seed: str = field(repr=False)
     inbox_prefix: str
+    js_api_prefix: str | None = None  # e.g. "$JS.LM_CORE.API" in an account without JetStream
 
     @classmethod
-    def for_principal(cls, nkey_seed: str, principal: str) -> Credentials:
-        return cls(nkey_seed=nkey_seed, inbox_prefix=f"_INBOX.{principal}")
+    def for_principal(cls, nkey_seed: str, principal: str,
+                      js_api_prefix: str | None = None) -> Credentials:
+        return cls(nkey_seed=nkey_seed, inbox_prefix=f"_INBOX.{principal}",
+                   js_api_prefix=js_api_prefix)
 
 
 _credentials: ContextVar[Credentials | None] = ContextVar("ledgermesh_credentials", default=None)
@@ -133,7 +138,11 @@ class Bus:
 
     def __init__(self, nc: Client, settings: BusSettings) -> None:
         self._nc = nc
-        self._js = nc.jetstream(timeout=settings.request_timeout)
+        if settings.js_api_prefix is None:
+            self._js = nc.jetstream(timeout=settings.request_timeout)
+        else:
+            self._js = nc.jetstream(timeout=settings.request_timeout,
+                                    prefix=settings.js_api_prefix)
         self.settings = settings
 
     @property
@@ -340,6 +349,48 @@ class Bus:
                                 f"read consumer {spec.durable}")
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
+    # -- request/reply (the tool gateway) -------------------------------------------
+    async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
+        """Send a request and wait for one reply (raises BusError on no answer)."""
+        try:
+            reply = await self._nc.request(subject, data, timeout=timeout)
+        except nats.errors.NoRespondersError as exc:
+            raise BusError(f"nobody serves {subject}") from exc
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise BusError(f"no answer on {subject} within {timeout:g} s") from exc
+        return bytes(reply.data)
+
+    async def serve_requests(self, subject: str, queue: str,
+                             handle: Callable[[str, bytes], Awaitable[bytes]], *,
+                             concurrency: int = 16,
+                             task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Answer requests on ``subject`` (a queue group shares them) with ``handle``.
+
+        Bounded: at most ``concurrency`` requests are handled at once; the rest wait in the
+        subscription. A request that is never answered times out at its sender, which
+        retries it (requests here are idempotent by their id), so none is lost silently.
+        """
+        sub = await self._nc.subscribe(subject, queue=queue)
+        task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                slots = anyio.Semaphore(concurrency)
+                async for msg in sub.messages:
+                    await slots.acquire()
+
+                    async def answer(msg: Msg = msg) -> None:
+                        try:
+                            reply = await handle(msg.subject, msg.data)
+                            if msg.reply:
+                                await self._nc.publish(msg.reply, reply)
+                        finally:
+                            slots.release()
+
+                    tg.start_soon(answer)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
     # -- discovery ----------------------------------------------------------------
     async def ping(self, service: str, timeout: float = 0.5) -> bool:
         """Whether a NATS micro service of that name answers ``$SRV.PING.<service>``."""
@@ -403,10 +454,12 @@ async def open_bus(settings: BusSettings,
 
     options: dict[str, Any] = {}
     ambient = _credentials.get()
-    seed = settings.nkey_seed if settings.nkey_seed is not None else (
-        ambient.nkey_seed if ambient is not None else None)
-    inbox_prefix = settings.inbox_prefix if settings.inbox_prefix is not None else (
-        ambient.inbox_prefix if ambient is not None else None)
+    if ambient is not None and settings.nkey_seed is None:
+        settings = replace(settings, nkey_seed=ambient.nkey_seed,
+                           inbox_prefix=settings.inbox_prefix or ambient.inbox_prefix,
+                           js_api_prefix=settings.js_api_prefix or ambient.js_api_prefix)
+    seed = settings.nkey_seed
+    inbox_prefix = settings.inbox_prefix
     if seed is not None:
         try:
             check_nkey_seed(seed)

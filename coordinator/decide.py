@@ -18,14 +18,21 @@ from coordinator.ledger.events import Aggregate, Draft, Kind, Provenance, delive
 from coordinator.ledger.state import TaskState
 from coordinator.policy import Policy
 from schemas import (
+    ApproveTool,
     Complete,
     Delivery,
     Envelope,
     Fail,
+    Failure,
     HandoffDecision,
     HandoffRequest,
+    ResumeAgent,
     Say,
     SubmitTask,
+    SuspendAgent,
+    ToolCall,
+    ToolInvocation,
+    ToolOutcome,
 )
 
 COORDINATOR = "coordinator"
@@ -46,7 +53,8 @@ def reject_unreadable(principal: str, msg_id: str, raw: bytes, reason: str,
 
 
 def decide(principal: str, raw: bytes, env: Envelope, task: TaskState | None,
-           policy: Policy, now: datetime, msg_id: str | None = None) -> list[Draft]:
+           policy: Policy, now: datetime, msg_id: str | None = None,
+           suspended: frozenset[str] = frozenset()) -> list[Draft]:
     """Events for one decoded envelope that arrived on ``principal``'s intake subject.
 
     ``msg_id`` is the Nats-Msg-Id it arrived with: it must be the envelope id, since
@@ -56,7 +64,12 @@ def decide(principal: str, raw: bytes, env: Envelope, task: TaskState | None,
         return []  # already recorded: a redelivery or a resend with the same id
     said = Provenance(msg_id=env.id, sender=env.sender, sent_at=env.sent_at.isoformat(),
                       causation_id=env.causation_id, trace=env.trace, raw=_b64(raw))
-    problem = _check(principal, env, task, policy, msg_id)
+    if isinstance(env.body, SuspendAgent | ResumeAgent | ApproveTool):
+        return _operator(principal, env, task, policy, msg_id, said)
+    problem = _check(principal, env, task, policy, msg_id, suspended)
+    if problem is None and isinstance(env.body, ToolCall):
+        problem = Rejection("wrong_channel", "tool calls go to the tool gateway "
+                                             f"(<prefix>.toolcall.{principal}), not to intake")
     if problem is not None:
         return [_rejected(principal, env, task, problem, said)]
     labels = {"labels": list(env.labels)} if env.labels else {}
@@ -110,6 +123,127 @@ def decide(principal: str, raw: bytes, env: Envelope, task: TaskState | None,
     return out
 
 
+def _operator(principal: str, env: Envelope, task: TaskState | None, policy: Policy,
+              msg_id: str | None, said: Provenance) -> list[Draft]:
+    """Operator commands: approvals on a task, suspending and resuming agents."""
+    body = env.body
+    problem = None
+    if env.sender != principal:
+        problem = Rejection("spoofed_sender", f"envelope says sender {env.sender!r} but "
+                                              f"arrived on {principal!r}'s subject")
+    elif msg_id is not None and msg_id != env.id:
+        problem = Rejection("msg_id_mismatch", f"Nats-Msg-Id {msg_id!r} is not the envelope "
+                                               f"id {env.id!r}")
+    elif principal not in policy.operators:
+        problem = Rejection("not_operator", f"{principal!r} is not an operator "
+                                            "(policy: operators)")
+    elif isinstance(body, ApproveTool) and (task is None or not task.is_open):
+        problem = Rejection("unknown_task", f"no open task {env.task_id} to approve a tool on")
+    elif isinstance(body, SuspendAgent | ResumeAgent) and not policy.is_agent(body.agent):
+        problem = Rejection("unknown_agent", f"no agent named {body.agent!r} in the policy")
+    if problem is not None:
+        return [_rejected(principal, env, None, problem, said)]
+    if isinstance(body, ApproveTool):
+        return [Draft(aggregate=Aggregate.TASK, key=env.task_id, kind=Kind.TOOL_APPROVED,
+                      data={"tool": body.tool, "reason": body.reason}, provenance=said)]
+    assert isinstance(body, SuspendAgent | ResumeAgent)
+    kind = Kind.SUSPENDED if isinstance(body, SuspendAgent) else Kind.RESUMED
+    return [Draft(aggregate=Aggregate.PRINCIPAL, key=body.agent, kind=kind,
+                  data={"reason": body.reason, "by": principal}, provenance=said)]
+
+
+def decide_suspension(task: TaskState, agent: str, reason: str, cause: str) -> list[Draft]:
+    """A suspended agent's open task fails: nobody else may silently take over its work."""
+    if not task.is_open or task.owner != agent:
+        return []
+    provenance = Provenance(msg_id=f"{cause}:{task.task_id}", sender=COORDINATOR,
+                            causation_id=cause)
+    return [Draft(aggregate=Aggregate.TASK, key=task.task_id, kind=Kind.FAILED,
+                  data={"reason": f"owner {agent} was suspended: {reason}",
+                        "retryable": False}, provenance=provenance)]
+
+
+def decide_throttled(principal: str, count: int, since: datetime,
+                     now: datetime) -> list[Draft]:
+    """One event for a flood: how many messages the rate limit dropped, and when."""
+    provenance = Provenance(msg_id=f"throttled:{principal}:{since.isoformat()}",
+                            sender=COORDINATOR)
+    return [Draft(aggregate=Aggregate.PRINCIPAL, key=principal, kind=Kind.THROTTLED,
+                  data={"count": count, "since": since.isoformat(),
+                        "until": now.isoformat()}, provenance=provenance)]
+
+
+class ToolVerdict(msgspec.Struct, frozen=True, kw_only=True):
+    """What the gateway does with a tool call once its decision is recorded."""
+
+    answer: ToolOutcome | None = None  # answer this now (denied, or answered before)
+    run: ToolInvocation | None = None  # otherwise run this and record the outcome
+
+
+def decide_tool_call(principal: str, raw: bytes, env: Envelope, task: TaskState | None,
+                     policy: Policy, suspended: frozenset[str]
+                     ) -> tuple[list[Draft], ToolVerdict]:
+    """Authorize a tool call and say what to record; a repeated call id gets its answer."""
+    assert isinstance(env.body, ToolCall)
+    call = env.body
+    if task is not None and env.id in task.tool_calls:
+        known = task.tool_calls[env.id]
+        if known["state"] == "done":
+            return [], ToolVerdict(answer=msgspec.convert(known["outcome"], ToolOutcome))
+        if known["state"] == "denied":
+            return [], ToolVerdict(answer=_denied(known["rule"], known["reason"]))
+        # Authorized but never answered (a crash in between): run it again, same key.
+        return [], ToolVerdict(run=_invocation(env, call, task))
+    said = Provenance(msg_id=env.id, sender=env.sender, sent_at=env.sent_at.isoformat(),
+                      causation_id=env.causation_id, trace=env.trace, raw=_b64(raw))
+    problem = _check(principal, env, task, policy, None, suspended)
+    if problem is not None:
+        return ([_rejected(principal, env, task, problem, said)],
+                ToolVerdict(answer=_denied(problem.code, problem.reason)))
+    assert task is not None
+    decided = Provenance(msg_id=env.id, sender=COORDINATOR, causation_id=env.id,
+                         trace=env.trace)
+    requested = Draft(aggregate=Aggregate.TASK, key=env.task_id, kind=Kind.TOOL_REQUESTED,
+                      data={"call_id": env.id, "tool": call.tool, "args": call.args},
+                      provenance=said)
+    denial = policy.tool_denial(env.sender, call.tool, call.args, task.labels, task.approvals)
+    if denial is not None:
+        rule, reason = denial
+        denied = Draft(aggregate=Aggregate.TASK, key=env.task_id, kind=Kind.TOOL_DENIED,
+                       data={"call_id": env.id, "tool": call.tool, "rule": rule,
+                             "reason": reason, "task_labels": list(task.labels)},
+                       provenance=decided)
+        return [requested, denied], ToolVerdict(answer=_denied(rule, reason))
+    authorized = Draft(aggregate=Aggregate.TASK, key=env.task_id, kind=Kind.TOOL_AUTHORIZED,
+                       data={"call_id": env.id, "tool": call.tool, "args": call.args},
+                       provenance=decided)
+    return [requested, authorized], ToolVerdict(run=_invocation(env, call, task))
+
+
+def decide_tool_result(task: TaskState, call_id: str, outcome: ToolOutcome,
+                       untrusted: bool) -> list[Draft]:
+    """Record a tool's answer; an untrusted tool's result labels the task."""
+    labels = list(outcome.labels)
+    if untrusted and "untrusted" not in labels:
+        labels.append("untrusted")
+    recorded = msgspec.to_builtins(ToolOutcome(ok=outcome.ok, result=outcome.result,
+                                               error=outcome.error, labels=tuple(labels)))
+    provenance = Provenance(msg_id=f"{call_id}:result", sender=COORDINATOR,
+                            causation_id=call_id)
+    return [Draft(aggregate=Aggregate.TASK, key=task.task_id, kind=Kind.TOOL_COMPLETED,
+                  data={"call_id": call_id, "outcome": recorded, "labels": labels},
+                  provenance=provenance)]
+
+
+def _invocation(env: Envelope, call: ToolCall, task: TaskState) -> ToolInvocation:
+    return ToolInvocation(call_id=env.id, tool=call.tool, task_id=env.task_id,
+                          agent=env.sender, args=call.args, labels=tuple(task.labels))
+
+
+def _denied(rule: str, reason: str) -> ToolOutcome:
+    return ToolOutcome(ok=False, error=Failure(type="denied", message=f"{rule}: {reason}"))
+
+
 def decide_timer(task: TaskState, policy: Policy, now: datetime) -> list[Draft]:
     """What the clock reaching a task's deadline or retry time decides, if anything."""
     decided = Provenance(msg_id=f"timer:{task.task_id}:{task.attempt}:{task.tries}",
@@ -160,7 +294,7 @@ def _failed_attempt(task: TaskState, policy: Policy, now: datetime, reason: str,
 
 
 def _check(principal: str, env: Envelope, task: TaskState | None, policy: Policy,
-           msg_id: str | None) -> Rejection | None:
+           msg_id: str | None, suspended: frozenset[str] = frozenset()) -> Rejection | None:
     """Why this envelope must not be recorded as said, or None if it may."""
     if env.sender != principal:
         return Rejection("spoofed_sender",
@@ -169,6 +303,8 @@ def _check(principal: str, env: Envelope, task: TaskState | None, policy: Policy
     if msg_id is not None and msg_id != env.id:
         return Rejection("msg_id_mismatch",
                          f"Nats-Msg-Id {msg_id!r} is not the envelope id {env.id!r}")
+    if principal in suspended:
+        return Rejection("suspended", f"{principal} is suspended: its output is refused")
     body = env.body
     if isinstance(body, SubmitTask):
         if task is not None:
@@ -177,6 +313,8 @@ def _check(principal: str, env: Envelope, task: TaskState | None, policy: Policy
             return Rejection("submit_denied", f"{principal!r} may not submit tasks")
         if not policy.is_agent(body.to):
             return Rejection("unknown_agent", f"no agent named {body.to!r} in the policy")
+        if body.to in suspended:
+            return Rejection("agent_suspended", f"{body.to} is suspended")
         return None
     if task is None:
         return Rejection("unknown_task", f"no task {env.task_id}")
@@ -196,6 +334,8 @@ def _check(principal: str, env: Envelope, task: TaskState | None, policy: Policy
         if not policy.may_hand_off(env.sender, body.to):
             return Rejection("handoff_denied",
                              f"policy does not allow {env.sender} to hand off to {body.to}")
+        if body.to in suspended:
+            return Rejection("agent_suspended", f"{body.to} is suspended")
     return None
 
 

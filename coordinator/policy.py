@@ -31,6 +31,17 @@ class AgentPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     instances: int = 1
     deadline_s: float = 30.0  # an assignment not finished by then times out
     max_attempts: int = 3  # tries of one step (timeouts, retryable failures)
+    tools: tuple[str, ...] = ()  # tools this agent may call
+    rate_per_s: float | None = None  # intake messages per second (token bucket)
+    burst: int = 100  # bucket size
+
+
+class ToolPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    description: str = ""
+    privileged: bool = False  # refused on a task with a tainting label, unless approved
+    untrusted_output: bool = False  # its results label the task (e.g. web, user documents)
+    max_args: dict[str, float] = {}  # numeric argument limits, e.g. {amount = 500}
+    timeout_s: float = 10.0
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -38,6 +49,10 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     submitters: tuple[str, ...] = ("client",)
     max_payload_bytes: int = 262_144  # below NATS's own 1 MiB max_payload
     retry_backoff_s: float = 0.5  # first retry delay; doubles per try, at most 30 s
+    tools: dict[str, ToolPolicy] = {}
+    operators: tuple[str, ...] = ("operator",)  # may approve tools and suspend agents
+    # Labels that taint a task: privileged tools then need an operator's approval.
+    taint_labels: tuple[str, ...] = ("untrusted",)
 
     def is_agent(self, name: str) -> bool:
         return name in self.agents
@@ -48,6 +63,25 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
     def retry_delay(self, tries: int) -> float:
         return min(self.retry_backoff_s * 2 ** max(tries - 1, 0), 30.0)
+
+    def tool_denial(self, agent: str, tool: str, args: dict[str, object],
+                    labels: list[str], approved: list[str]) -> tuple[str, str] | None:
+        """(rule, reason) that forbids this call, or None if policy allows it."""
+        spec = self.tools.get(tool)
+        if spec is None:
+            return "unknown_tool", f"no tool named {tool!r} in the policy"
+        if tool not in self.agents[agent].tools:
+            return "tool_not_allowed", f"agents.{agent}.tools does not include {tool!r}"
+        for name, limit in spec.max_args.items():
+            value = args.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > limit:
+                return "arg_limit", f"tools.{tool}.max_args.{name} is {limit:g}, got {value:g}"
+        tainted = [label for label in labels if label in self.taint_labels]
+        if spec.privileged and tainted and tool not in approved:
+            return ("taint", f"{tool} is privileged and the task is labelled "
+                             f"{', '.join(tainted)}: an operator must approve it "
+                             f"(ledgermesh approve TASK --tool {tool})")
+        return None
 
     def may_submit(self, principal: str) -> bool:
         return principal in self.submitters or principal in self.agents
@@ -117,6 +151,11 @@ def _problems(policy: Policy) -> list[str]:
             out.append(f"agents.{name}.deadline_s: must be positive")
         if agent.max_attempts < 1:
             out.append(f"agents.{name}.max_attempts: must be at least 1")
+        for tool in agent.tools:
+            if tool not in policy.tools:
+                out.append(f"agents.{name}.tools: unknown tool {tool!r} (declare [tools.\"{tool}\"])")
+        if agent.rate_per_s is not None and agent.rate_per_s <= 0:
+            out.append(f"agents.{name}.rate_per_s: must be positive")
     for name in policy.submitters:
         if not is_token(name):
             out.append(f"submitters: {name!r} is not a valid principal name")

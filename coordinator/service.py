@@ -14,6 +14,7 @@ from anyio.abc import TaskStatus
 from bus.client import BusSettings, open_bus
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer, coordinator_consumer, streams
+from coordinator.gateway import serve_gateway
 from coordinator.health import Health
 from coordinator.intake import serve_intake
 from coordinator.ledger.store import open_ledger
@@ -76,6 +77,8 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                 await tg.start(serve_intake, bus, writer, limiter, subjects, doorbell, health,
                                settings.batch_max, settings.crash)
                 await tg.start(serve_timer, writer, limiter, doorbell, health)
+                await tg.start(serve_gateway, bus, writer, limiter, subjects, settings.policy,
+                               doorbell)
                 await bus.add_service(subjects.service("coordinator"), "0.1.0",
                                       "ledgermesh coordinator", {"prefix": subjects.prefix},
                                       lambda: msgspec.json.encode(health.report()))

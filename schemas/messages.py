@@ -67,8 +67,74 @@ class Fail(_Body, tag="task.fail", frozen=True, kw_only=True):
     retryable: bool = False
 
 
-Body = SubmitTask | Say | HandoffRequest | HandoffDecision | Complete | Fail
-BODY_TYPES: tuple[type[_Body], ...] = (SubmitTask, Say, HandoffRequest, HandoffDecision, Complete, Fail)
+# A tool's name: dotted lowercase words, e.g. "kb.search" (it becomes subject tokens).
+ToolName = Annotated[str, msgspec.Meta(pattern="^[a-z0-9_-]{1,64}(\\.[a-z0-9_-]{1,64}){0,4}$")]
+
+
+class ToolCall(_Body, tag="tool.call", frozen=True, kw_only=True):
+    """The owner asks for a tool to run. Sent to the coordinator's tool gateway, not to
+    intake: the gateway authorizes, records, runs and answers with a ``ToolOutcome``.
+    The envelope id is the idempotency key: a retried call never runs twice."""
+
+    tool: ToolName
+    args: Payload = {}
+
+
+class ApproveTool(_Body, tag="tool.approve", frozen=True, kw_only=True):
+    """An operator lets a privileged tool run on a task that policy says needs approval."""
+
+    tool: ToolName
+    reason: str = ""
+
+
+class SuspendAgent(_Body, tag="agent.suspend", frozen=True, kw_only=True):
+    """Kill switch (operators only): no deliveries to the agent, its output refused."""
+
+    agent: Name
+    reason: str = ""
+
+
+class ResumeAgent(_Body, tag="agent.resume", frozen=True, kw_only=True):
+    agent: Name
+    reason: str = ""
+
+
+Body = (SubmitTask | Say | HandoffRequest | HandoffDecision | Complete | Fail | ToolCall
+        | ApproveTool | SuspendAgent | ResumeAgent)
+BODY_TYPES: tuple[type[_Body], ...] = (SubmitTask, Say, HandoffRequest, HandoffDecision,
+                                       Complete, Fail, ToolCall, ApproveTool, SuspendAgent,
+                                       ResumeAgent)
+
+
+class Failure(msgspec.Struct, frozen=True, kw_only=True):
+    """An error that crosses NATS: data, never a traceback."""
+
+    type: str  # e.g. "denied", "timeout", "tool_error", "unavailable"
+    message: str
+    retryable: bool = False
+
+
+class ToolInvocation(msgspec.Struct, frozen=True, kw_only=True):
+    """What the gateway sends a tool on ``<prefix>.tool.<name>`` (request/reply).
+
+    ``call_id`` is the idempotency key: a tool with side effects must not apply the same
+    call twice (the gateway repeats a call only if it never recorded the answer)."""
+
+    call_id: str
+    tool: ToolName
+    task_id: Name
+    agent: Name
+    args: Payload
+    labels: tuple[str, ...] = ()
+
+
+class ToolOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """A tool's answer, and what the gateway answers the agent."""
+
+    ok: bool
+    result: Payload = {}
+    error: Failure | None = None
+    labels: tuple[str, ...] = ()  # provenance of the result, e.g. ("untrusted",)
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):

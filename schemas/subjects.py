@@ -46,6 +46,18 @@ class Subjects:
     def deliver_all(self) -> str:
         return f"{self.prefix}.deliver.>"
 
+    def tool_gateway(self, agent: str) -> str:
+        """Where ``agent`` asks the coordinator to run a tool (request/reply)."""
+        return f"{self.prefix}.toolcall.{agent}"
+
+    @property
+    def tool_gateway_all(self) -> str:
+        return f"{self.prefix}.toolcall.*"
+
+    def tool(self, name: str) -> str:
+        """Where tool hosts serve ``name`` (a queue group: any host may answer)."""
+        return f"{self.prefix}.tool.{name}"
+
     def ledger(self, aggregate: str, aggregate_id: str, kind: str) -> str:
         return f"{self.prefix}.ledger.{aggregate}.{aggregate_id}.{kind}"
 

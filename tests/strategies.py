@@ -13,6 +13,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from schemas.messages import (
+    ApproveTool,
     Body,
     Complete,
     Delivery,
@@ -20,8 +21,11 @@ from schemas.messages import (
     Fail,
     HandoffDecision,
     HandoffRequest,
+    ResumeAgent,
     Say,
     SubmitTask,
+    SuspendAgent,
+    ToolCall,
 )
 
 __all__ = [
@@ -42,6 +46,12 @@ INT64 = 2**63
 def tokens(max_size: int = 40) -> st.SearchStrategy[str]:
     """Valid NATS subject tokens: ``[A-Za-z0-9_-]{1,max_size}``."""
     return st.text(TOKEN_ALPHABET, min_size=1, max_size=max_size)
+
+
+def tool_names() -> st.SearchStrategy[str]:
+    """Dotted lowercase tool names, e.g. ``kb.search``."""
+    word = st.text("abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=1, max_size=12)
+    return st.lists(word, min_size=1, max_size=3).map(".".join)
 
 
 def timestamps() -> st.SearchStrategy[datetime]:
@@ -92,6 +102,10 @@ BODY_STRATEGIES: dict[type[Body], st.SearchStrategy[Body]] = {
     HandoffDecision: st.builds(HandoffDecision, accept=st.booleans(), reason=_text()),
     Complete: st.builds(Complete, result=_text(), payload=payloads()),
     Fail: st.builds(Fail, reason=_text(), retryable=st.booleans()),
+    ToolCall: st.builds(ToolCall, tool=tool_names(), args=payloads()),
+    ApproveTool: st.builds(ApproveTool, tool=tool_names(), reason=_text()),
+    SuspendAgent: st.builds(SuspendAgent, agent=tokens(), reason=_text()),
+    ResumeAgent: st.builds(ResumeAgent, agent=tokens(), reason=_text()),
 }
 
 

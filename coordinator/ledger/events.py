@@ -39,6 +39,14 @@ class Kind(StrEnum):
     TIMED_OUT = "attempt.timed_out"
     ATTEMPT_FAILED = "attempt.failed"
     DEAD_LETTERED = "task.dead_lettered"
+    TOOL_REQUESTED = "tool.requested"
+    TOOL_DENIED = "tool.denied"
+    TOOL_AUTHORIZED = "tool.authorized"
+    TOOL_COMPLETED = "tool.completed"
+    TOOL_APPROVED = "tool.approved"
+    SUSPENDED = "agent.suspended"
+    RESUMED = "agent.resumed"
+    THROTTLED = "principal.throttled"
     REJECTED = "message.rejected"
 
 

@@ -43,6 +43,9 @@ class TaskState(msgspec.Struct, kw_only=True):
     result: str | None = None
     failure: str | None = None
     rejections: int = 0
+    approvals: list[str] = []  # tools an operator approved on this task
+    # call id -> {"state": "denied"|"authorized"|"done", ...}: answers a repeated call
+    tool_calls: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()  # msg ids already recorded: a resent message changes nothing
     version: int = 0
     head: str = GENESIS
@@ -103,6 +106,17 @@ class TaskState(msgspec.Struct, kw_only=True):
             self.deadline = self.retry_at = None
         elif kind == Kind.REJECTED:
             self.rejections += 1
+        elif kind == Kind.TOOL_DENIED:
+            self.tool_calls[data["call_id"]] = {"state": "denied", "rule": data["rule"],
+                                                "reason": data["reason"]}
+        elif kind == Kind.TOOL_AUTHORIZED:
+            self.tool_calls[data["call_id"]] = {"state": "authorized", "tool": data["tool"],
+                                                "args": data["args"]}
+        elif kind == Kind.TOOL_COMPLETED:
+            self.tool_calls[data["call_id"]] = {"state": "done", "outcome": data["outcome"]}
+        elif kind == Kind.TOOL_APPROVED:
+            if data["tool"] not in self.approvals:
+                self.approvals.append(data["tool"])
         for label in data.get("labels", ()):
             if label not in self.labels:
                 self.labels.append(label)
@@ -116,12 +130,20 @@ class PrincipalState(msgspec.Struct, kw_only=True):
 
     name: str
     rejections: int = 0
+    throttled: int = 0  # messages dropped by the rate limit
+    suspended: bool = False
     version: int = 0
     head: str = GENESIS
 
     def apply(self, event: LedgerEvent) -> None:
         if event.kind == Kind.REJECTED:
             self.rejections += 1
+        elif event.kind == Kind.THROTTLED:
+            self.throttled += event.data["count"]
+        elif event.kind == Kind.SUSPENDED:
+            self.suspended = True
+        elif event.kind == Kind.RESUMED:
+            self.suspended = False
         self.version = event.originator_version
         self.head = event.hash
 

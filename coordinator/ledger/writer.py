@@ -14,7 +14,16 @@ from datetime import datetime
 import msgspec
 from eventsourcing.persistence import Tracking
 
-from coordinator.decide import decide, decide_timer, reject_unreadable
+from coordinator.decide import (
+    ToolVerdict,
+    decide,
+    decide_suspension,
+    decide_throttled,
+    decide_timer,
+    decide_tool_call,
+    decide_tool_result,
+    reject_unreadable,
+)
 from coordinator.ledger.events import (
     Aggregate,
     Draft,
@@ -27,7 +36,7 @@ from coordinator.ledger.events import (
 from coordinator.ledger.state import PrincipalState, TaskState
 from coordinator.ledger.store import Ledger
 from coordinator.policy import Policy
-from schemas import Codec, MalformedMessageError, Subjects
+from schemas import Codec, MalformedMessageError, Subjects, ToolCall, ToolOutcome
 
 INTAKE = "intake"  # tracking name of the intake stream
 UNKNOWN_PRINCIPAL = "_unknown"
@@ -66,7 +75,10 @@ class LedgerWriter:
         self._principals: dict[str, PrincipalState] = {}
         self.position = ledger.tracking_position(INTAKE)
         # task id -> when the coordinator must next decide for it (deadline or retry).
-        self.timers: dict[str, datetime] = open_timers(ledger)
+        self.timers, suspended = open_schedule(ledger)
+        self.suspended = frozenset(suspended)
+        self._buckets: dict[str, tuple[float, datetime]] = {}  # principal -> tokens, at
+        self._dropped: dict[str, tuple[int, datetime]] = {}  # principal -> count, since
 
     def record(self, batch: Sequence[IntakeMessage]) -> Recorded:
         """Decide and store a batch of intake messages with their tracking position."""
@@ -76,14 +88,16 @@ class LedgerWriter:
 
         def decide_all() -> list[LedgerEvent]:
             nonlocal top, skipped
-            events = []
+            events = self._flush_throttled(now, older_than=1.0)
             for message in batch:
                 if message.seq <= top:
                     skipped += 1
                     continue
                 top = message.seq
+                if not self._admit(message.subject, now):
+                    continue  # counted; recorded as one principal.throttled per window
                 events += [self._seal(d, now) for d in self._decide(message, now)]
-            return events
+            return events + self.fallout(events, now)
 
         events, positions = self._commit(decide_all, lambda: Tracking(INTAKE, top)
                                          if top > self.position else None)
@@ -94,11 +108,11 @@ class LedgerWriter:
         """Record what the clock decides: timeouts of overdue assignments, due retries."""
         now = self._clock()
         due = sorted(task_id for task_id, when in self.timers.items() if when <= now)
-        if not due:
+        if not due and not self._dropped:
             return Recorded([], [], 0)
 
         def decide_due() -> list[LedgerEvent]:
-            events = []
+            events = self._flush_throttled(now, older_than=1.0)
             for task_id in due:
                 task = self._task(task_id)
                 if task is None:
@@ -145,7 +159,67 @@ class LedgerWriter:
             return reject_unreadable(principal, msg_id, message.data, exc.reason)
         task = self._task(envelope.task_id)
         return decide(principal, message.data, envelope, task, self._policy, now,
-                      message.msg_id)
+                      message.msg_id, self.suspended)
+
+    def record_tool_call(self, principal: str, data: bytes) -> ToolVerdict:
+        """Authorize and record a tool call from the gateway; what to do next."""
+        now = self._clock()
+        envelope = self._codec.decode_envelope(data, self._subjects.tool_gateway(principal))
+        if not isinstance(envelope.body, ToolCall):
+            raise MalformedMessageError(self._subjects.tool_gateway(principal),
+                                        f"expected a tool.call body, got {envelope.body}")
+        verdict: list[ToolVerdict] = []
+
+        def decide_call() -> list[LedgerEvent]:
+            drafts, outcome = decide_tool_call(principal, data, envelope,
+                                               self._task(envelope.task_id), self._policy,
+                                               self.suspended)
+            verdict.append(outcome)
+            return [self._seal(d, now) for d in drafts]
+
+        self._commit(decide_call, lambda: None)
+        return verdict[0]
+
+    def record_tool_result(self, task_id: str, call_id: str, outcome: ToolOutcome) -> Recorded:
+        now = self._clock()
+
+        def decide_result() -> list[LedgerEvent]:
+            task = self._task(task_id)
+            if task is None or task.tool_calls.get(call_id, {}).get("state") != "authorized":
+                return []  # answered already (a repeated call), nothing more to record
+            spec = self._policy.tools.get(task.tool_calls[call_id]["tool"])
+            untrusted = spec is not None and spec.untrusted_output
+            return [self._seal(d, now)
+                    for d in decide_tool_result(task, call_id, outcome, untrusted)]
+
+        events, positions = self._commit(decide_result, lambda: None)
+        return Recorded(events, positions, 0)
+
+    def _admit(self, subject: str, now: datetime) -> bool:
+        """Token bucket per principal (from the policy); False drops the message."""
+        principal = self._subjects.principal_of(subject) or UNKNOWN_PRINCIPAL
+        agent = self._policy.agents.get(principal)
+        if agent is None or agent.rate_per_s is None:
+            return True
+        tokens, at = self._buckets.get(principal, (float(agent.burst), now))
+        tokens = min(float(agent.burst), tokens + (now - at).total_seconds() * agent.rate_per_s)
+        if tokens >= 1.0:
+            self._buckets[principal] = (tokens - 1.0, now)
+            return True
+        self._buckets[principal] = (tokens, now)
+        count, since = self._dropped.get(principal, (0, now))
+        self._dropped[principal] = (count + 1, since)
+        return False
+
+    def _flush_throttled(self, now: datetime, older_than: float) -> list[LedgerEvent]:
+        """One principal.throttled event per principal and window, not one per message."""
+        events: list[LedgerEvent] = []
+        for principal, (count, since) in sorted(self._dropped.items()):
+            if (now - since).total_seconds() >= older_than:
+                del self._dropped[principal]
+                events += [self._seal(d, now)
+                           for d in decide_throttled(principal, count, since, now)]
+        return events
 
     def _seal(self, draft: Draft, now: datetime) -> LedgerEvent:
         self._touched.add(draft.key)
@@ -165,7 +239,25 @@ class LedgerWriter:
                 self.timers.pop(draft.key, None)
             else:
                 self.timers[draft.key] = datetime.fromisoformat(when)
+        elif draft.kind in (Kind.SUSPENDED, Kind.RESUMED):
+            self.suspended = (self.suspended | {draft.key} if draft.kind == Kind.SUSPENDED
+                              else self.suspended - {draft.key})
         return event
+
+    def fallout(self, events: list[LedgerEvent], now: datetime) -> list[LedgerEvent]:
+        """Events that follow from others in the same batch: a suspension fails the
+        suspended agent's open tasks (every open task has a timer, so they are all known)."""
+        out: list[LedgerEvent] = []
+        for event in events:
+            if event.kind != Kind.SUSPENDED:
+                continue
+            for task_id in sorted(self.timers):
+                task = self._task(task_id)
+                if task is not None:
+                    out += [self._seal(d, now) for d in decide_suspension(
+                        task, event.key, event.data["reason"] or "no reason given",
+                        event.msg_id)]
+        return out
 
     def _task(self, task_id: str) -> TaskState | None:
         if task_id in self._tasks:
@@ -196,13 +288,15 @@ class LedgerWriter:
         return state
 
 
-def open_timers(ledger: Ledger, page: int = 2000) -> dict[str, datetime]:
-    """Deadlines and retry times of every open task, from one pass over the log.
+def open_schedule(ledger: Ledger, page: int = 2000) -> tuple[dict[str, datetime], set[str]]:
+    """Deadlines and retry times of every open task, and the suspended agents, from one
+    pass over the log.
 
     Only the last timer-relevant event of each task matters, so this keeps one entry per
     open task, not their states.
     """
     timers: dict[str, datetime] = {}
+    suspended: set[str] = set()
     decoder = msgspec.json.Decoder()
     after = 0
     while notifications := ledger.read(after, page):
@@ -215,5 +309,9 @@ def open_timers(ledger: Ledger, page: int = 2000) -> dict[str, datetime]:
                 timers[key] = datetime.fromisoformat(data["retry_at"])
             elif kind in (Kind.COMPLETED, Kind.FAILED, Kind.TIMED_OUT, Kind.ATTEMPT_FAILED):
                 timers.pop(key, None)
+            elif kind == Kind.SUSPENDED:
+                suspended.add(key)
+            elif kind == Kind.RESUMED:
+                suspended.discard(key)
             after = n.id
-    return timers
+    return timers, suspended

@@ -1,0 +1,69 @@
+"""The tool gateway: agents ask here to run a tool; every call is authorized against the
+policy and recorded — request, decision, result — before the agent hears the answer.
+
+A call's envelope id is its idempotency key: a repeated call is answered from the ledger
+and never runs twice (a call authorized but never answered — a crash in between — is
+run again with the same key, which the tool must honour).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+
+from bus.client import Bus, BusError
+from coordinator.ledger.writer import LedgerWriter
+from coordinator.policy import Policy
+from coordinator.signals import Doorbell
+from schemas import Failure, LedgermeshError, Subjects, ToolInvocation, ToolOutcome
+
+log = logging.getLogger("ledgermesh.coordinator.gateway")
+
+_outcome = msgspec.json.Decoder(ToolOutcome)
+_encode = msgspec.json.Encoder().encode
+
+
+async def serve_gateway(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLimiter,
+                        subjects: Subjects, policy: Policy, relay: Doorbell, *,
+                        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+
+    async def handle(subject: str, data: bytes) -> bytes:
+        principal = subject.rsplit(".", 1)[-1]
+        try:
+            verdict = await anyio.to_thread.run_sync(writer.record_tool_call, principal, data,
+                                                     limiter=limiter)
+        except LedgermeshError as exc:  # unreadable call: answered, and nothing recorded
+            return _encode(ToolOutcome(ok=False, error=Failure(type="malformed",
+                                                               message=str(exc))))
+        relay.ring()
+        if verdict.answer is not None:
+            return _encode(verdict.answer)
+        assert verdict.run is not None
+        outcome = await _run(bus, subjects, policy, verdict.run)
+        await anyio.to_thread.run_sync(writer.record_tool_result, verdict.run.task_id,
+                                       verdict.run.call_id, outcome, limiter=limiter)
+        relay.ring()
+        return _encode(outcome)
+
+    await bus.serve_requests(subjects.tool_gateway_all, "ledgermesh-gateway", handle,
+                             task_status=task_status)
+
+
+async def _run(bus: Bus, subjects: Subjects, policy: Policy,
+               call: ToolInvocation) -> ToolOutcome:
+    """Ask a tool host to run the call; failures become recorded outcomes, not exceptions."""
+    spec = policy.tools[call.tool]
+    try:
+        reply = await bus.request(subjects.tool(call.tool), _encode(call), spec.timeout_s)
+    except BusError as exc:
+        log.warning("tool %s for task %s: %s", call.tool, call.task_id, exc)
+        return ToolOutcome(ok=False, error=Failure(type="unavailable", message=str(exc),
+                                                   retryable=True))
+    try:
+        return _outcome.decode(reply)
+    except msgspec.DecodeError as exc:
+        return ToolOutcome(ok=False, error=Failure(type="tool_error",
+                                                   message=f"unreadable answer: {exc}"))
