@@ -43,8 +43,9 @@ async def serve_gateway(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityL
             return _encode(verdict.answer)
         assert verdict.run is not None
         outcome = await _run(bus, subjects, policy, verdict.run)
-        await anyio.to_thread.run_sync(writer.record_tool_result, verdict.run.task_id,
-                                       verdict.run.call_id, outcome, limiter=limiter)
+        outcome = await anyio.to_thread.run_sync(writer.record_tool_result,
+                                                 verdict.run.task_id, verdict.run.call_id,
+                                                 outcome, limiter=limiter)
         relay.ring()
         return _encode(outcome)
 

@@ -180,7 +180,10 @@ class LedgerWriter:
         self._commit(decide_call, lambda: None)
         return verdict[0]
 
-    def record_tool_result(self, task_id: str, call_id: str, outcome: ToolOutcome) -> Recorded:
+    def record_tool_result(self, task_id: str, call_id: str,
+                           outcome: ToolOutcome) -> ToolOutcome:
+        """Record a tool's answer; returns the answer as recorded (with its labels), which
+        is what the agent gets, now and on any repeat of the call."""
         now = self._clock()
 
         def decide_result() -> list[LedgerEvent]:
@@ -192,8 +195,12 @@ class LedgerWriter:
             return [self._seal(d, now)
                     for d in decide_tool_result(task, call_id, outcome, untrusted)]
 
-        events, positions = self._commit(decide_result, lambda: None)
-        return Recorded(events, positions, 0)
+        self._commit(decide_result, lambda: None)
+        task = self._task(task_id)
+        recorded = task.tool_calls.get(call_id, {}) if task is not None else {}
+        if recorded.get("state") != "done":
+            return outcome
+        return msgspec.convert(recorded["outcome"], ToolOutcome)
 
     def _admit(self, subject: str, now: datetime) -> bool:
         """Token bucket per principal (from the policy); False drops the message."""
