@@ -203,6 +203,10 @@ def decide_tool_call(principal: str, raw: bytes, env: Envelope, task: TaskState 
     assert task is not None
     decided = Provenance(msg_id=env.id, sender=COORDINATOR, causation_id=env.id,
                          trace=env.trace)
+    accepted = [] if task.offer is None else [Draft(
+        aggregate=Aggregate.TASK, key=env.task_id, kind=Kind.HANDOFF_ACCEPTED,
+        data={"request_id": task.offer.request_id, "by": env.sender, "implicit": True},
+        provenance=decided)]
     requested = Draft(aggregate=Aggregate.TASK, key=env.task_id, kind=Kind.TOOL_REQUESTED,
                       data={"call_id": env.id, "tool": call.tool, "args": call.args},
                       provenance=said)
@@ -213,11 +217,11 @@ def decide_tool_call(principal: str, raw: bytes, env: Envelope, task: TaskState 
                        data={"call_id": env.id, "tool": call.tool, "rule": rule,
                              "reason": reason, "task_labels": list(task.labels)},
                        provenance=decided)
-        return [requested, denied], ToolVerdict(answer=_denied(rule, reason))
+        return [*accepted, requested, denied], ToolVerdict(answer=_denied(rule, reason))
     authorized = Draft(aggregate=Aggregate.TASK, key=env.task_id, kind=Kind.TOOL_AUTHORIZED,
                        data={"call_id": env.id, "tool": call.tool, "args": call.args},
                        provenance=decided)
-    return [requested, authorized], ToolVerdict(run=_invocation(env, call, task))
+    return [*accepted, requested, authorized], ToolVerdict(run=_invocation(env, call, task))
 
 
 def decide_tool_result(task: TaskState, call_id: str, outcome: ToolOutcome,

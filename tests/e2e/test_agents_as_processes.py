@@ -25,7 +25,9 @@ TEAM = ("triage", "researcher", "writer", "reviewer")
 STORY = [
     "task.submitted", "task.assigned",
     "message.said", "handoff.requested", "task.assigned",            # triage
-    "handoff.accepted", "message.said", "handoff.requested", "task.assigned",  # researcher
+    # researcher: no tool host runs here, so its kb.search is recorded as unavailable
+    "handoff.accepted", "tool.requested", "tool.authorized", "tool.completed",
+    "message.said", "message.said", "handoff.requested", "task.assigned",
     "handoff.accepted", "handoff.requested", "task.assigned",        # writer
     "handoff.declined", "task.assigned",                             # reviewer declines
     "message.said", "handoff.requested", "task.assigned",            # writer revises
