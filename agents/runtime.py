@@ -16,7 +16,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from agents.sdk import Agent, Context
-from bus.client import Bus, BusError, BusSettings, Inbound, open_bus
+from bus.client import Bus, BusError, BusSettings, Credentials, Inbound, open_bus
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer
 from schemas import Codec, Envelope, MalformedMessageError, Subjects, ToolOutcome
@@ -36,6 +36,7 @@ class AgentSettings:
     concurrency: int | None = None  # default: the Agent's own
     clock: Callable[[], datetime] = utc_now
     crash: CrashPoints = CrashPoints()
+    credentials: Credentials | None = None  # None: an open (dev) server
 
 
 class _IntakeOutbox:
@@ -78,7 +79,8 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
     counters = _Counters()
     concurrency = settings.concurrency or agent.concurrency
     consumer = agent_consumer(subjects, agent.name)
-    bus_settings = BusSettings(url=settings.nats_url, name=subjects.service(agent.name))
+    bus_settings = BusSettings.of(settings.nats_url, subjects.service(agent.name),
+                                  settings.credentials)
     async with open_bus(bus_settings) as bus:
         # Streams and this agent's consumer are the coordinator's to create (from the
         # policy); until they exist the pull loop waits and says so.

@@ -24,7 +24,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from bus.client import BusSettings, open_bus
+from bus.client import BusSettings, Credentials, open_bus
 from schemas import Failure, Subjects, ToolInvocation, ToolOutcome
 
 log = logging.getLogger("ledgermesh.tools")
@@ -52,6 +52,7 @@ class ToolHost:
 class ToolHostSettings:
     nats_url: str
     subjects: Subjects = Subjects()
+    credentials: Credentials | None = None  # None: an open (dev) server
 
 
 async def run_tool_host(host: ToolHost, settings: ToolHostSettings, *,
@@ -89,7 +90,7 @@ async def run_tool_host(host: ToolHost, settings: ToolHostSettings, *,
         return reply
 
     name = settings.subjects.service(f"tools-{host.name}")
-    async with open_bus(BusSettings(url=settings.nats_url, name=name)) as bus, \
+    async with open_bus(BusSettings.of(settings.nats_url, name, settings.credentials)) as bus, \
             anyio.create_task_group() as tg:
         for tool in host.tools:
             await tg.start(bus.serve_requests, settings.subjects.tool(tool), f"tool-{tool}",

@@ -5,21 +5,22 @@ Everything above this module sees ``Bus`` and ``Inbound``; nothing else imports 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import nats
-import nkeys
 import nats.errors
 import nats.js.errors
+import nkeys
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 from nats.aio.client import Client
@@ -44,10 +45,18 @@ class BusSettings:
     url: str
     name: str
     request_timeout: float = 5.0
-    # None: taken from the credentials in use (``use_credentials``), if any.
     nkey_seed: str | None = field(default=None, repr=False)
     inbox_prefix: str | None = None  # e.g. "_INBOX.<principal>"; the server allows only that
     js_api_prefix: str | None = None  # JetStream API imported from another account
+
+    @classmethod
+    def of(cls, url: str, name: str, credentials: Credentials | None) -> BusSettings:
+        """Settings for a principal; ``credentials`` None means an open server."""
+        if credentials is None:
+            return cls(url=url, name=name)
+        return cls(url=url, name=name, nkey_seed=credentials.nkey_seed,
+                   inbox_prefix=credentials.inbox_prefix,
+                   js_api_prefix=credentials.js_api_prefix)
 
 
 @dataclass(frozen=True)
@@ -65,26 +74,17 @@ class Credentials:
                    js_api_prefix=js_api_prefix)
 
 
-_credentials: ContextVar[Credentials | None] = ContextVar("ledgermesh_credentials", default=None)
-
-
-@contextmanager
-def use_credentials(credentials: Credentials | None) -> Iterator[None]:
-    """Connections opened in this context (and tasks started from it) use ``credentials``
-    wherever their ``BusSettings`` name none. For services that build their own settings."""
-    token = _credentials.set(credentials)
-    try:
-        yield
-    finally:
-        _credentials.reset(token)
-
-
 def check_nkey_seed(seed: str) -> str:
     """The public key of a user seed; BusError if ``seed`` is not one."""
+    text = seed.strip()
     try:
-        public = nkeys.from_seed(bytearray(seed.strip().encode())).public_key
-    except (nkeys.NkeysError, ValueError, TypeError) as exc:
-        raise BusError(f"not a valid nkey seed ({type(exc).__name__})") from None
+        # nkeys does not check the seed's CRC: a mistyped seed would silently be another key.
+        raw = base64.b32decode(text + "=" * (-len(text) % 8))
+        if len(raw) < 4 or nkeys.crc16_checksum(raw[:-2]) != raw[-2:]:
+            raise ValueError("checksum mismatch")
+        public = nkeys.from_seed(bytearray(text.encode())).public_key
+    except (nkeys.NkeysError, ValueError, TypeError, binascii.Error) as exc:
+        raise BusError(f"not a valid nkey seed ({type(exc).__name__}: {exc})") from None
     text = public.decode() if isinstance(public, bytes) else str(public)
     if not text.startswith("U"):
         raise BusError("not a user nkey seed (user seeds start with 'SU')")
@@ -246,6 +246,23 @@ class Bus:
                                f"read stream {stream}")
         headers = msg.headers or {}
         return headers.get(MSG_ID)
+
+    async def last_message(self, stream: str, subject: str, wait: float = 2.0) -> bytes | None:
+        """The data of the newest message on ``subject`` in ``stream``; None if none arrives
+        within ``wait`` seconds. An ephemeral ordered consumer, not a direct get, so a reader
+        that may only create consumers on the stream (the observer) can ask too."""
+        sub = await self._call(
+            self._js.subscribe(subject, stream=stream, ordered_consumer=True,
+                               deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT),
+            f"read {subject} in stream {stream}")
+        try:
+            msg = await sub.next_msg(timeout=wait)
+        except nats.errors.TimeoutError:
+            return None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+        return bytes(msg.data or b"")
 
     # -- consuming --------------------------------------------------------------
     async def serve_pull(self, spec: ConsumerSpec, out: MemoryObjectSendStream[Inbound], *,
@@ -453,11 +470,6 @@ async def open_bus(settings: BusSettings,
         note("reconnected")
 
     options: dict[str, Any] = {}
-    ambient = _credentials.get()
-    if ambient is not None and settings.nkey_seed is None:
-        settings = replace(settings, nkey_seed=ambient.nkey_seed,
-                           inbox_prefix=settings.inbox_prefix or ambient.inbox_prefix,
-                           js_api_prefix=settings.js_api_prefix or ambient.js_api_prefix)
     seed = settings.nkey_seed
     inbox_prefix = settings.inbox_prefix
     if seed is not None:
@@ -477,6 +489,8 @@ async def open_bus(settings: BusSettings,
         text = str(exc)
         if not connected and "authorization violation" in text.lower():
             refused.append(text.strip().removeprefix("nats: ").strip("'"))
+            # Close first (the socket too), then stop the connect loop from retrying.
+            await _abandon(nc)
             connecting.cancel()
             return
         await error_cb(exc)
@@ -485,10 +499,11 @@ async def open_bus(settings: BusSettings,
         # Reconnect forever once connected, but fail the first connect within a deadline:
         # a wrong URL must be an error, not a silent hang.
         with anyio.fail_after(settings.request_timeout), anyio.CancelScope() as connecting:
+            # (nats-py annotates the waits as int; fractions of a second work.)
+            options.update(reconnect_time_wait=0.5, connect_timeout=settings.request_timeout)
             await nc.connect(
                 settings.url, name=settings.name, max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5, allow_reconnect=True,
-                connect_timeout=settings.request_timeout, error_cb=connect_error_cb,
+                allow_reconnect=True, error_cb=connect_error_cb,
                 disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb, **options,
             )
     except TimeoutError:

@@ -11,7 +11,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from bus.client import BusSettings, open_bus
+from bus.client import BusSettings, Credentials, open_bus
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer, coordinator_consumer, streams
 from coordinator.gateway import serve_gateway
@@ -41,6 +41,7 @@ class CoordinatorSettings:
     batch_max: int = 256
     clock: Callable[[], datetime] = utc_now
     crash: CrashPoints = CrashPoints()
+    credentials: Credentials | None = None  # None: an open (dev) server
 
 
 async def run_coordinator(settings: CoordinatorSettings, *,
@@ -63,7 +64,8 @@ async def run_coordinator(settings: CoordinatorSettings, *,
             elif text.startswith("error"):
                 health.last_error = text
 
-        bus_settings = BusSettings(url=settings.nats_url, name=subjects.service("coordinator"))
+        bus_settings = BusSettings.of(settings.nats_url, subjects.service("coordinator"),
+                                      settings.credentials)
         async with open_bus(bus_settings, on_bus_event) as bus:
             await bus.ensure_streams(streams(subjects, settings.policy.max_payload_bytes * 2))
             await bus.ensure_consumer(coordinator_consumer(subjects))

@@ -21,6 +21,8 @@ examples:
   ledgermesh agent run myapp.agents:writer --nats URL
   ledgermesh submit --nats URL --to triage --title "Refund?" --payload '{"question": "…"}'
   ledgermesh tail --nats URL --from-start
+  ledgermesh auth generate --config ledgermesh.toml --out ./nats-auth
+  ledgermesh agent run myapp.agents:writer --nats URL --nkey ./nats-auth/writer.nk
 """
 
 
@@ -39,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--prefix", default="lm",
                        help="subject prefix, to run several deployments on one server "
                             "(default lm)")
+        p.add_argument("--nkey", type=Path, default=None, metavar="FILE",
+                       help="nkey seed file of this principal, from `ledgermesh auth "
+                            "generate` (default: $LEDGERMESH_NKEY; none: connect without "
+                            "credentials)")
 
     demo = commands.add_parser("demo", help="run embedded NATS, a coordinator and a team of "
                                "agents (each its own process), then replay and audit")
@@ -47,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "./ledgermesh-data; emptied at start)")
     demo.add_argument("--tasks", type=int, default=5, help="tasks to submit (default 5)")
     demo.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    demo.add_argument("--no-auth", action="store_true",
+                      help="run NATS without accounts and credentials (default: one account "
+                           "and nkey per process, generated into DATA_DIR/auth)")
 
     coordinator = commands.add_parser("coordinator", help="the coordinator service")
     coord_commands = coordinator.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -74,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--title", required=True, help="a short description")
     submit.add_argument("--payload", default="{}", metavar="JSON", help="input as a JSON object")
     submit.add_argument("--task-id", default=None, help="task id (default: a new random one)")
-    submit.add_argument("--as", dest="principal", default="client",
-                        help="principal submitting it (default client)")
+    submit.add_argument("--as", dest="principal", default=None,
+                        help="principal submitting it (default: the --nkey file's principal, "
+                             "else client)")
 
     tail = commands.add_parser("tail", help="follow recorded events live")
     nats_options(tail)
@@ -102,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, default=None,
                         help="directory (default: the package's schemas/json)")
 
+    auth = commands.add_parser("auth", help="NATS accounts and credentials")
+    auth_commands = auth.add_subparsers(dest="action", metavar="ACTION", required=True)
+    generate = auth_commands.add_parser(
+        "generate", help="write a nats-server config include (one account and nkey user per "
+                         "principal) and one seed file per principal")
+    generate.add_argument("--config", type=Path, default=Path("ledgermesh.toml"),
+                          help="policy file (default ./ledgermesh.toml)")
+    generate.add_argument("--out", type=Path, required=True, metavar="DIR",
+                          help="where auth.conf and the <principal>.nk seed files go")
+    generate.add_argument("--prefix", default="lm", help="subject prefix (default lm)")
+    generate.add_argument("--rotate", action="store_true",
+                          help="new seeds for everyone (default: keep existing seed files)")
+
     policy = commands.add_parser("policy", help="ledgermesh.toml")
     policy_commands = policy.add_subparsers(dest="action", metavar="ACTION", required=True)
     check = policy_commands.add_parser("check", help="validate a policy file")
@@ -116,28 +139,33 @@ def run(args: argparse.Namespace) -> int:
 
         if args.tasks < 1:
             raise ValueError("--tasks must be at least 1")
-        return run_demo(args.data_dir, args.tasks, as_json=args.json)
+        return run_demo(args.data_dir, args.tasks, as_json=args.json, auth=not args.no_auth)
     if args.command == "coordinator":
         from ledgermesh.serve import coordinator_run
 
-        coordinator_run(args.nats, args.ledger, args.config, args.prefix)
+        coordinator_run(args.nats, args.ledger, args.config, args.prefix, args.nkey)
         return 0
     if args.command == "agent":
         from ledgermesh.serve import agent_run
 
-        agent_run(args.spec, args.nats, args.prefix, args.concurrency)
+        agent_run(args.spec, args.nats, args.prefix, args.concurrency, args.nkey)
         return 0
     if args.command == "submit":
         from ledgermesh.live import submit_command
 
         return submit_command(args.nats, args.prefix, to=args.to, title=args.title,
                               payload_text=args.payload, task_id=args.task_id,
-                              principal=args.principal)
+                              principal=args.principal, nkey=args.nkey)
     if args.command == "tail":
         from ledgermesh.live import tail_command
 
         return tail_command(args.nats, args.prefix, task_id=args.task,
-                            from_start=args.from_start, as_json=args.json, limit=args.limit)
+                            from_start=args.from_start, as_json=args.json, limit=args.limit,
+                            nkey=args.nkey)
+    if args.command == "auth":
+        from ledgermesh.auth import auth_generate_command
+
+        return auth_generate_command(args.config, args.out, args.prefix, rotate=args.rotate)
     if args.command == "replay":
         from ledgermesh.inspect import replay_command
 

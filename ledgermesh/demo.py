@@ -26,6 +26,15 @@ from coordinator.ledger.store import open_ledger
 from coordinator.policy import load_policy
 from coordinator.service import utc_now
 from ledgermesh.audit import audit_task, render_audit
+from ledgermesh.auth import (
+    COORDINATOR,
+    OBSERVER,
+    GeneratedAuth,
+    generate,
+    load_credentials,
+    write_server_config,
+)
+from ledgermesh.live import bus_settings
 from ledgermesh.processes import Child, spawn, stop_all, wait_ready
 from ledgermesh.style import Style, short, stdout_style
 from schemas import LedgermeshError, LedgerRecord, Subjects
@@ -39,6 +48,7 @@ QUESTIONS = (
     "Is my keyboard still under warranty?",
 )
 POLICY = Path(agents.examples.__file__).parent / "ledgermesh.toml"
+CLIENT = "client"  # the demo's submitter (a `submitters` principal of the policy)
 MARKER = ".ledgermesh-demo"
 
 
@@ -96,11 +106,12 @@ class Board:
         return sum(1 for t in self.tasks.values() if t["status"] != "submitted")
 
 
-def run_demo(data_dir: Path, tasks: int, *, as_json: bool, timeout: float = 120.0) -> int:
+def run_demo(data_dir: Path, tasks: int, *, as_json: bool, timeout: float = 120.0,
+             auth: bool = True) -> int:
     style = stdout_style()
     say = (lambda _text="": None) if as_json else style.out
     prepare(data_dir)
-    result = anyio.run(_run, data_dir, tasks, style, say, timeout)
+    result = anyio.run(_run, data_dir, tasks, style, say, timeout, auth)
     if as_json:
         print(msgspec.json.encode(result).decode())
     return 0 if result.verified and result.tasks_completed == tasks else 1
@@ -117,40 +128,68 @@ def prepare(data_dir: Path) -> None:
     (data_dir / MARKER).write_text("made by ledgermesh demo; deleted by the next demo run\n")
 
 
-async def _run(data_dir: Path, count: int, style: Style, say: Any, timeout: float) -> DemoResult:
+async def _run(data_dir: Path, count: int, style: Style, say: Any, timeout: float,
+               auth: bool) -> DemoResult:
     ledger_path = data_dir / "ledger.db"
     subjects = Subjects("lm")
     started = time.monotonic()
-    load_policy(POLICY)  # fail early, in this process, on a broken policy file
-    async with open_embedded_nats(data_dir / "nats") as nats_server:
+    policy = load_policy(POLICY)  # fail early, in this process, on a broken policy file
+    # With auth: one NATS account and nkey per process, as in production (ledgermesh/auth.py);
+    # JetStream comes from the embedded server's -js -sd flags.
+    creds = generate(policy, subjects, data_dir / "auth", source=str(POLICY)) if auth else None
+    config = write_server_config(data_dir / "nats.conf", creds) if creds is not None else None
+    async with open_embedded_nats(data_dir / "nats", config_file=config) as nats_server:
         say(f"{style.bold('ledgermesh demo')} — embedded NATS {nats_server.version} on "
             f"{nats_server.host}:{nats_server.port}, ledger {ledger_path}")
+        if creds is not None:
+            say(f"  auth on: {len(creds.seeds)} NATS accounts, one nkey each "
+                f"({creds.config.parent}); --no-auth to compare")
         children: list[Child] = []
         try:
-            children = _start_services(nats_server, ledger_path, data_dir / "logs")
+            children = _start_services(nats_server, ledger_path, data_dir / "logs", creds)
             agents_line = " ".join(f"{c.name}({c.pid})" for c in children[1:])
             say(f"  started coordinator (pid {children[0].pid}) and {len(children) - 1} "
                 f"agents: {agents_line}")
-            async with open_bus(BusSettings(url=nats_server.url, name="lm_demo")) as bus:
-                await wait_ready(bus, subjects, children)
-                board = await _drive(bus, subjects, count, style, say, timeout, children)
+            # The demo itself is two principals: the observer (pings services, reads the
+            # ledger) and the client that submits tasks.
+            async with (open_bus(_settings(nats_server, "lm_demo", creds, subjects, OBSERVER))
+                        as observer,
+                        open_bus(_settings(nats_server, "lm_demo_client", creds, subjects,
+                                           CLIENT)) as client):
+                await wait_ready(observer, subjects, children)
+                board = await _drive(observer, client, subjects, count, style, say, timeout,
+                                     children)
         finally:
             await stop_all(children)
         say(f"  stopped {len(children)} processes; logs in {data_dir / 'logs'}")
     return _finish(ledger_path, board, count, style, say, nats_server, started)
 
 
-def _start_services(nats_server: EmbeddedNats, ledger_path: Path, logs: Path) -> list[Child]:
-    url = ["--nats", nats_server.url]
-    children = [spawn("coordinator", ["coordinator", "run", *url, "--ledger", str(ledger_path),
-                                      "--config", str(POLICY)], logs)]
+def _settings(nats_server: EmbeddedNats, name: str, creds: GeneratedAuth | None,
+              subjects: Subjects, principal: str) -> BusSettings:
+    if creds is None:
+        return BusSettings(url=nats_server.url, name=name)
+    return bus_settings(nats_server.url, name,
+                        load_credentials(creds.seed_file(principal), subjects, principal))
+
+
+def _start_services(nats_server: EmbeddedNats, ledger_path: Path, logs: Path,
+                    creds: GeneratedAuth | None) -> list[Child]:
+    def connect(principal: str) -> list[str]:
+        # Each process gets only its own seed file.
+        nkey = [] if creds is None else ["--nkey", str(creds.seed_file(principal))]
+        return ["--nats", nats_server.url, *nkey]
+
+    children = [spawn("coordinator", ["coordinator", "run", *connect(COORDINATOR),
+                                      "--ledger", str(ledger_path), "--config", str(POLICY)],
+                      logs)]
     for name in TEAM:
-        children.append(spawn(name, ["agent", "run", f"agents.examples.support:{name}", *url],
-                              logs))
+        children.append(spawn(name, ["agent", "run", f"agents.examples.support:{name}",
+                                     *connect(name)], logs))
     return children
 
 
-async def _drive(bus: Bus, subjects: Subjects, count: int, style: Style, say: Any,
+async def _drive(bus: Bus, client: Bus, subjects: Subjects, count: int, style: Style, say: Any,
                  timeout: float, children: list[Child]) -> Board:
     board = Board()
     decode_record = msgspec.json.Decoder(LedgerRecord).decode
@@ -162,8 +201,8 @@ async def _drive(bus: Bus, subjects: Subjects, count: int, style: Style, say: An
         ids = [f"t-{uuid.uuid4().hex[:8]}" for _ in range(count)]
         for i, task_id in enumerate(ids):
             question = QUESTIONS[i % len(QUESTIONS)]
-            await submit_task(bus, subjects, task_id=task_id, to="triage", title=question,
-                              payload={"question": question}, principal="client",
+            await submit_task(client, subjects, task_id=task_id, to="triage", title=question,
+                              payload={"question": question}, principal=CLIENT,
                               msg_id=str(uuid.uuid4()), clock=utc_now)
         say(f"  submitted {count} tasks to triage")
         with anyio.move_on_after(timeout) as scope:

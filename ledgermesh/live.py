@@ -6,14 +6,16 @@ import json
 import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
 
 from agents.client import submit_task
-from bus.client import BusSettings, Observed, open_bus
+from bus.client import BusSettings, Credentials, Observed, open_bus
 from coordinator.service import utc_now
+from ledgermesh.auth import load_credentials
 from ledgermesh.style import Style, short, stdout_style
 from schemas import LedgermeshError, LedgerRecord, Subjects, is_token
 
@@ -37,30 +39,44 @@ class SubmitRejectedError(LedgermeshError):
     """The coordinator recorded the submission as rejected."""
 
 
+def bus_settings(nats_url: str, name: str, credentials: Credentials | None) -> BusSettings:
+    if credentials is None:
+        return BusSettings(url=nats_url, name=name)
+    return BusSettings(url=nats_url, name=name, nkey_seed=credentials.nkey_seed,
+                       inbox_prefix=credentials.inbox_prefix,
+                       js_api_prefix=credentials.js_api_prefix)
+
+
 def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_text: str,
-                   task_id: str | None, principal: str, wait: float = 10.0) -> int:
+                   task_id: str | None, principal: str | None, wait: float = 10.0,
+                   nkey: Path | None = None) -> int:
+    """``principal`` None: the seed file's principal with credentials, else "client"."""
     payload = parse_payload(payload_text)
     task = task_id or f"t-{uuid.uuid4().hex[:12]}"
-    for name, value in (("--to", to), ("--task-id", task), ("--as", principal)):
+    for name, value in (("--to", to), ("--task-id", task), ("--as", principal or "client")):
         if not is_token(value):
             raise UsageError(f"{name} {value!r}: use 1-128 letters, digits, '-' or '_'")
     subjects = Subjects(prefix)
+    credentials = load_credentials(nkey, subjects, principal)
+    who: str = principal or (credentials.inbox_prefix.removeprefix("_INBOX.")
+                             if credentials is not None else "client")
+    settings = bus_settings(nats_url, f"{prefix}_submit", credentials)
 
     msg_id = str(uuid.uuid4())
     verdict: list[dict[str, Any]] = []
 
     async def main() -> None:
-        async with open_bus(BusSettings(url=nats_url, name=f"{prefix}_submit")) as bus:
+        async with open_bus(settings) as bus:
             # Watch for the ledger's verdict before publishing, so it cannot be missed.
             send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=64)
             async with anyio.create_task_group() as tg, receive:
                 for subject in (subjects.ledger_of_task(task),
-                                subjects.ledger("principal", principal, "message.rejected")):
+                                subjects.ledger("principal", who, "message.rejected")):
                     await tg.start(bus.serve_observe, subjects.ledger_stream, subject,
                                    send.clone(), False)
                 send.close()
                 await submit_task(bus, subjects, task_id=task, to=to, title=title,
-                                  payload=payload, principal=principal, msg_id=msg_id,
+                                  payload=payload, principal=who, msg_id=msg_id,
                                   clock=utc_now)
                 with anyio.move_on_after(wait):
                     async for message in receive:
@@ -104,8 +120,9 @@ def describe(record: LedgerRecord, event: dict[str, Any]) -> str:
 
 
 def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start: bool,
-                 as_json: bool, limit: int | None = None) -> int:
+                 as_json: bool, limit: int | None = None, nkey: Path | None = None) -> int:
     subjects = Subjects(prefix)
+    settings = bus_settings(nats_url, f"{prefix}_tail", load_credentials(nkey, subjects))
     if task_id is not None and not is_token(task_id):
         raise UsageError(f"--task {task_id!r}: task ids are letters, digits, '-' or '_'")
     subject = subjects.ledger_of_task(task_id) if task_id else subjects.ledger_all
@@ -114,7 +131,7 @@ def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start:
     decode_event: Callable[[bytes], Any] = msgspec.json.Decoder().decode
 
     async def main() -> None:
-        async with open_bus(BusSettings(url=nats_url, name=f"{prefix}_tail")) as bus:
+        async with open_bus(settings) as bus:
             send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=256)
             async with anyio.create_task_group() as tg, receive:
                 await tg.start(bus.serve_observe, subjects.ledger_stream, subject, send, from_start)

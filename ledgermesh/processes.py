@@ -48,7 +48,9 @@ def spawn(name: str, args: list[str], log_dir: Path) -> Child:
         process = subprocess.Popen(
             [sys.executable, "-m", "ledgermesh", *args],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Credentials only ever as arguments: never inherit the parent's.
+            env={**{k: v for k, v in os.environ.items() if k != "LEDGERMESH_NKEY"},
+                 "PYTHONUNBUFFERED": "1"},
         )
     return Child(name, process, log_file)
 

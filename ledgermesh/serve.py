@@ -15,6 +15,7 @@ from agents.runtime import AgentSettings, run_agent
 from bus.faults import CrashPoints
 from coordinator.policy import load_policy
 from coordinator.service import CoordinatorSettings, run_coordinator
+from ledgermesh.auth import COORDINATOR, load_credentials
 from schemas import Subjects
 
 Service = Callable[..., Awaitable[None]]
@@ -35,10 +36,13 @@ async def run_until_signalled(service: Callable[[TaskStatus[None]], Awaitable[No
         await tg.start(service)
 
 
-def coordinator_run(nats_url: str, ledger: str, config: Path, prefix: str) -> None:
+def coordinator_run(nats_url: str, ledger: str, config: Path, prefix: str,
+                    nkey: Path | None = None) -> None:
+    subjects = Subjects(prefix)
     settings = CoordinatorSettings(nats_url=nats_url, ledger=ledger,
-                                   policy=load_policy(config), subjects=Subjects(prefix),
-                                   crash=CrashPoints.from_environment())
+                                   policy=load_policy(config), subjects=subjects,
+                                   crash=CrashPoints.from_environment(),
+                                   credentials=load_credentials(nkey, subjects, COORDINATOR))
 
     async def service(task_status: TaskStatus[None]) -> None:
         await run_coordinator(settings, task_status=task_status)
@@ -46,10 +50,13 @@ def coordinator_run(nats_url: str, ledger: str, config: Path, prefix: str) -> No
     anyio.run(run_until_signalled, service)
 
 
-def agent_run(spec: str, nats_url: str, prefix: str, concurrency: int | None) -> None:
+def agent_run(spec: str, nats_url: str, prefix: str, concurrency: int | None,
+              nkey: Path | None = None) -> None:
     agent = load_agent(spec)
-    settings = AgentSettings(nats_url=nats_url, subjects=Subjects(prefix),
-                             concurrency=concurrency, crash=CrashPoints.from_environment())
+    subjects = Subjects(prefix)
+    settings = AgentSettings(nats_url=nats_url, subjects=subjects,
+                             concurrency=concurrency, crash=CrashPoints.from_environment(),
+                             credentials=load_credentials(nkey, subjects, agent.name))
 
     async def service(task_status: TaskStatus[None]) -> None:
         await run_agent(agent, settings, task_status=task_status)
