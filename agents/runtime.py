@@ -119,6 +119,14 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
                 log.error("%s: dropping an unreadable delivery: %s", agent.name, exc)
                 await message.ack()
                 continue
+            if (message.delivered > 1 and delivery.deadline is not None
+                    and settings.clock() > delivery.deadline):
+                # A redelivered copy of an attempt that already timed out: the coordinator
+                # has retried it (or will), and would refuse this attempt's output anyway.
+                log.info("%s: dropping stale attempt %d of task %s (deadline %s passed)",
+                         agent.name, delivery.attempt, delivery.task_id, delivery.deadline)
+                await message.ack()
+                continue
             ctx = Context(agent.name, delivery, outbox, settings.clock)
             settings.crash.reached("agent.handler", message.data)
             body = delivery.envelope.body

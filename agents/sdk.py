@@ -187,17 +187,24 @@ class Context:
         )
 
 
-def load_agent(spec: str) -> Agent:
-    """Import ``module:attr`` and return the Agent it names."""
+def import_attr(spec: str, what: str, example: str) -> object:
+    """Import ``module:attr``; AgentLoadError (one clear line) if it cannot be found."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise AgentLoadError(f"expected module:attr (e.g. agents.examples.support:triage), got {spec!r}")
+        raise AgentLoadError(f"expected module:attr (e.g. {example}), got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise AgentLoadError(f"cannot import {module_name!r}: {exc}") from exc
-    agent = getattr(module, attr, None)
+    found = getattr(module, attr, None)
+    if found is None:
+        raise AgentLoadError(f"{spec} is nothing, not {what}")
+    return found
+
+
+def load_agent(spec: str) -> Agent:
+    """Import ``module:attr`` and return the Agent it names."""
+    agent = import_attr(spec, "an Agent", "agents.examples.support:triage")
     if not isinstance(agent, Agent):
-        found = "nothing" if agent is None else type(agent).__name__
-        raise AgentLoadError(f"{spec} is {found}, not an Agent")
+        raise AgentLoadError(f"{spec} is {type(agent).__name__}, not an Agent")
     return agent

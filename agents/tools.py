@@ -24,6 +24,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
+from agents.sdk import AgentLoadError, import_attr
 from bus.client import BusSettings, Credentials, open_bus
 from schemas import Failure, Subjects, ToolInvocation, ToolOutcome
 
@@ -46,6 +47,13 @@ class ToolHost:
             return fn
 
         return register
+
+
+def load_tool_host(spec: str) -> ToolHost:
+    host = import_attr(spec, "a ToolHost", "agents.examples.support:desk_tools")
+    if not isinstance(host, ToolHost):
+        raise AgentLoadError(f"{spec} is {type(host).__name__}, not a ToolHost")
+    return host
 
 
 @dataclass(frozen=True)
@@ -89,13 +97,15 @@ async def run_tool_host(host: ToolHost, settings: ToolHostSettings, *,
             answered.popitem(last=False)
         return reply
 
-    name = settings.subjects.service(f"tools-{host.name}")
+    # Every host registers under one name: hosts are interchangeable instances.
+    name = settings.subjects.service("tools")
     async with open_bus(BusSettings.of(settings.nats_url, name, settings.credentials)) as bus, \
             anyio.create_task_group() as tg:
         for tool in host.tools:
             await tg.start(bus.serve_requests, settings.subjects.tool(tool), f"tool-{tool}",
                            handle)
         await bus.add_service(name, "0.1.0", f"tools: {', '.join(host.tools)}",
-                              {"tools": ",".join(host.tools)}, lambda: b'{"ok":true}')
+                              {"host": host.name, "tools": ",".join(host.tools)},
+                              lambda: b'{"ok":true}')
         log.info("tool host %s serving %s", host.name, ", ".join(host.tools))
         task_status.started()

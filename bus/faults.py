@@ -1,8 +1,8 @@
 """Crash points for fault-injection tests and demos: die exactly here, like ``kill -9``.
 
 ``LEDGERMESH_CRASH_AT=coordinator.after_commit`` makes the process call ``os._exit`` the
-first time it reaches that point; ``agent.handler@warranty`` only when the context text
-(the delivery, the batch) contains ``warranty``. Read once at start-up by the CLI and
+first time it reaches that point; ``agent.handler@warranty@"attempt":2`` only when the
+context text (the delivery, the batch) contains every ``@``-separated part. Read once at start-up by the CLI and
 passed down; an empty ``CrashPoints`` does nothing.
 """
 
@@ -27,7 +27,7 @@ POINTS = frozenset({
 
 @dataclass(frozen=True)
 class CrashPoints:
-    points: tuple[tuple[str, str], ...] = ()  # (point, substring that must match or "")
+    points: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (point, substrings that must match)
 
     @classmethod
     def parse(cls, spec: str | None) -> CrashPoints:
@@ -35,11 +35,11 @@ class CrashPoints:
             return cls()
         points = []
         for item in spec.split(","):
-            point, _, match = item.strip().partition("@")
+            point, *match = item.strip().split("@")
             if point not in POINTS:
                 raise ValueError(f"{ENV}: unknown crash point {point!r} "
                                  f"(known: {', '.join(sorted(POINTS))})")
-            points.append((point, match))
+            points.append((point, tuple(match)))
         return cls(tuple(points))
 
     @classmethod
@@ -52,7 +52,7 @@ class CrashPoints:
             if armed != point:
                 continue
             text = context.decode("utf-8", "replace") if isinstance(context, bytes) else context
-            if match and match not in text:
+            if not all(part in text for part in match):
                 continue
             log.critical("crash point %s reached: exiting with %d", point, EXIT_CODE)
             logging.shutdown()

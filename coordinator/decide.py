@@ -363,13 +363,13 @@ def _rejected(principal: str, env: Envelope, task: TaskState | None, problem: Re
 def _assign(cause: Envelope, agent: str, *, attempt: int, tries: int, title: str,
             input: dict[str, Any], labels: list[str], policy: Policy,
             now: datetime) -> dict[str, Any]:
+    deadline_s = policy.agents[agent].deadline_s if agent in policy.agents else 30.0
+    deadline = now + timedelta(seconds=deadline_s)
     delivery = Delivery(id=delivery_id(cause.id, agent, attempt), agent=agent,
                         task_id=cause.task_id, attempt=attempt, title=title, input=input,
-                        envelope=cause, labels=tuple(labels))
-    deadline_s = policy.agents[agent].deadline_s if agent in policy.agents else 30.0
+                        envelope=cause, labels=tuple(labels), deadline=deadline)
     return {"agent": agent, "attempt": attempt, "tries": tries,
-            "deadline": (now + timedelta(seconds=deadline_s)).isoformat(),
-            "delivery": msgspec.to_builtins(delivery)}
+            "deadline": deadline.isoformat(), "delivery": msgspec.to_builtins(delivery)}
 
 
 def _merge(labels: list[str], more: tuple[str, ...]) -> list[str]:

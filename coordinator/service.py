@@ -70,9 +70,11 @@ async def run_coordinator(settings: CoordinatorSettings, *,
             await bus.ensure_streams(streams(subjects, settings.policy.max_payload_bytes * 2))
             await bus.ensure_consumer(coordinator_consumer(subjects))
             for name, agent in settings.policy.agents.items():
-                # Redeliver an unacked delivery no sooner than the agent's deadline: a
-                # retry is the timer's decision, recorded, not the broker's.
-                await bus.ensure_consumer(agent_consumer(subjects, name, agent.deadline_s))
+                # Redeliver an unacked delivery only well after the agent's deadline: a
+                # retry is the timer's decision, recorded, not the broker's; a late copy of
+                # the old attempt is then fenced off as stale.
+                await bus.ensure_consumer(agent_consumer(subjects, name,
+                                                         2 * agent.deadline_s))
             async with anyio.create_task_group() as tg:
                 await tg.start(serve_relay, bus, ledger, limiter, subjects, doorbell, health,
                                settings.crash)

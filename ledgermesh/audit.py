@@ -78,11 +78,40 @@ def _entry(event: LedgerEvent) -> TimelineEntry | None:
         label, summary = "fail", f"reason: {data['reason']}"
     elif kind == Kind.REJECTED:
         label, summary = "REJECTED", f"{data['code']}: {data['reason']}"
+    elif kind == Kind.TIMED_OUT:
+        label, summary = "timeout", (f"{data['agent']} missed the deadline of attempt "
+                                     f"{data['attempt']}" + _retry(data))
+    elif kind == Kind.ATTEMPT_FAILED:
+        label, summary = "failed", f"attempt {data['attempt']}: {data['reason']}" + _retry(data)
+    elif kind == Kind.DEAD_LETTERED:
+        label, summary = "DEADLETTER", data["reason"]
+    elif kind == Kind.TOOL_REQUESTED:
+        label, summary = "tool", f"{data['tool']} {_args(data['args'])}"
+    elif kind == Kind.TOOL_DENIED:
+        label, summary = "DENIED", f"{data['tool']} — {data['rule']}: {data['reason']}"
+    elif kind == Kind.TOOL_COMPLETED:
+        outcome = data["outcome"]
+        label = "result"
+        summary = ("ok" if outcome["ok"] else f"error {outcome['error']['type']}: "
+                   f"{outcome['error']['message']}")
+        if data.get("labels"):
+            summary += f"  (labels the task {', '.join(data['labels'])})"
+    elif kind == Kind.TOOL_APPROVED:
+        label, summary = "approved", f"{data['tool']}: {data['reason'] or '(no reason)'}"
     else:
         return None  # assignments are shown through the handoffs that caused them
     actor = data.get("by", event.sender) if kind == Kind.HANDOFF_ACCEPTED else event.sender
     return TimelineEntry(version=event.originator_version, kind=label, actor=actor, to=to,
                          summary=summary, msg_id=event.msg_id, recorded_at=event.recorded_at)
+
+
+def _retry(data: dict[str, Any]) -> str:
+    return " — retry scheduled" if data.get("retry_at") else " — no retries left"
+
+
+def _args(args: dict[str, Any], limit: int = 50) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in args.items())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _quote(text: str, limit: int = 60) -> str:
@@ -96,8 +125,10 @@ def render_audit(audit: Audit, style: Style, indent: str = "") -> list[str]:
              f"assignments across {len(audit.agents)} agents, {audit.events} events, {chain}"]
     for e in audit.timeline:
         arrow = f"→ {e.to:<11}" if e.to else " " * 13
-        kind = style.red(f"{e.kind:<9}") if e.kind == "REJECTED" else f"{e.kind:<9}"
-        if e.kind == "declined":
-            kind = style.yellow(f"{e.kind:<9}")
+        kind = f"{e.kind:<9}"
+        if e.kind in ("REJECTED", "DENIED", "DEADLETTER"):
+            kind = style.red(kind)
+        elif e.kind in ("declined", "timeout", "failed"):
+            kind = style.yellow(kind)
         lines.append(f"{indent}#{e.version:<3} {e.actor:<11}{arrow}{kind}  {e.summary}")
     return lines

@@ -281,12 +281,13 @@ class AuthLayout:
         """Tool hosts answer the coordinator's calls and nothing else: they publish nothing
         but replies (to the coordinator's reply subject, mapped by the server)."""
         subjects = [self.subjects.tool(tool) for tool in self.tools]
+        own = self._service_subjects(TOOLS)  # every host registers as "<p>_tools"
         user = _user(key, publish=[],
-                     # its NATS micro service is named after the host ("tools-desk"): any
                      subscribe=[*subjects, f"{self.inbox(TOOLS)}.>", "$SRV.PING", "$SRV.INFO",
-                                "$SRV.STATS", "$SRV.*.*", "$SRV.*.*.*", "*.status"],
+                                "$SRV.STATS", *own],
                      responses=True)
         exports = [{"service": subject, "accounts": [self.core]} for subject in subjects]
+        exports += [{"service": sub, "accounts": [self.observer_account]} for sub in own]
         return {"users": [user], "exports": exports}
 
     def _observer(self, key: str) -> dict[str, Any]:
@@ -294,6 +295,8 @@ class AuthLayout:
         services = [(self.core, sub) for sub in self._service_subjects(COORDINATOR)]
         services += [(self.agent_account(agent), sub) for agent in self.agents
                      for sub in self._service_subjects(agent)]
+        if self.tools:
+            services += [(self.tools_account, sub) for sub in self._service_subjects(TOOLS)]
         user = _user(key, publish=[*readers, *(sub for _, sub in services)],
                      subscribe=[f"{self.inbox(OBSERVER)}.>"])
         imports = self._reader_imports()

@@ -76,6 +76,37 @@ def build_parser() -> argparse.ArgumentParser:
     nats_options(agent_run)
     agent_run.add_argument("--concurrency", type=int, default=None,
                            help="deliveries handled at once (default: the Agent's own)")
+    for action, verb in (("suspend", "kill switch: stop deliveries to an agent, refuse its "
+                                     "output, fail its open tasks (recorded)"),
+                         ("resume", "lift a suspension (recorded)")):
+        cmd = agent_commands.add_parser(action, help=verb)
+        cmd.add_argument("name", metavar="AGENT")
+        cmd.add_argument("--reason", default="", help="why (recorded)")
+        cmd.add_argument("--as", dest="principal", default=None,
+                         help="operator principal (default: the --nkey file's, or operator)")
+        nats_options(cmd)
+
+    tools = commands.add_parser("tools", help="tool hosts")
+    tools_commands = tools.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tools_run = tools_commands.add_parser("run", help="serve a ToolHost's tools (until SIGTERM)")
+    tools_run.add_argument("spec", metavar="MODULE:ATTR",
+                           help="where the ToolHost is, e.g. agents.examples.support:desk_tools")
+    nats_options(tools_run)
+
+    approve = commands.add_parser("approve", help="let a privileged tool run on a tainted "
+                                  "task (an operator's recorded decision)")
+    approve.add_argument("task_id", metavar="TASK_ID")
+    approve.add_argument("--tool", required=True, metavar="NAME", help="e.g. payments.refund")
+    approve.add_argument("--reason", default="", help="why (recorded)")
+    approve.add_argument("--as", dest="principal", default=None,
+                         help="operator principal (default: the --nkey file's, or operator)")
+    nats_options(approve)
+
+    status = commands.add_parser("status", help="health of the coordinator and agents")
+    nats_options(status)
+    status.add_argument("--config", type=Path, default=Path("ledgermesh.toml"),
+                        help="policy naming the agents to ask (default ./ledgermesh.toml)")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
 
     submit = commands.add_parser("submit", help="submit a task to an agent")
     nats_options(submit)
@@ -145,11 +176,37 @@ def run(args: argparse.Namespace) -> int:
 
         coordinator_run(args.nats, args.ledger, args.config, args.prefix, args.nkey)
         return 0
-    if args.command == "agent":
+    if args.command == "agent" and args.action == "run":
         from ledgermesh.serve import agent_run
 
         agent_run(args.spec, args.nats, args.prefix, args.concurrency, args.nkey)
         return 0
+    if args.command == "agent":
+        from ledgermesh.live import operator_command
+        from schemas import ResumeAgent, SuspendAgent
+
+        kind = SuspendAgent if args.action == "suspend" else ResumeAgent
+        return operator_command(args.nats, args.prefix, kind(agent=args.name,
+                                                             reason=args.reason),
+                                task_id="-", principal=args.principal, nkey=args.nkey)
+    if args.command == "approve":
+        from ledgermesh.live import operator_command
+        from schemas import ApproveTool
+
+        return operator_command(args.nats, args.prefix,
+                                ApproveTool(tool=args.tool, reason=args.reason),
+                                task_id=args.task_id, principal=args.principal,
+                                nkey=args.nkey)
+    if args.command == "tools":
+        from ledgermesh.serve import tools_run
+
+        tools_run(args.spec, args.nats, args.prefix, args.nkey)
+        return 0
+    if args.command == "status":
+        from ledgermesh.status import status_command
+
+        return status_command(args.nats, args.prefix, args.config, nkey=args.nkey,
+                              as_json=args.json)
     if args.command == "submit":
         from ledgermesh.live import submit_command
 

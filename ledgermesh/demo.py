@@ -29,6 +29,7 @@ from ledgermesh.audit import audit_task, render_audit
 from ledgermesh.auth import (
     COORDINATOR,
     OBSERVER,
+    TOOLS,
     GeneratedAuth,
     generate,
     load_credentials,
@@ -50,6 +51,8 @@ QUESTIONS = (
 POLICY = Path(agents.examples.__file__).parent / "ledgermesh.toml"
 CLIENT = "client"  # the demo's submitter (a `submitters` principal of the policy)
 MARKER = ".ledgermesh-demo"
+# The first research attempt of the warranty task runs at attempt 2 (submit=1, triage → 2).
+CRASH = {"LEDGERMESH_CRASH_AT": 'agent.handler@warranty@"attempt":2'}
 
 
 class DemoError(LedgermeshError):
@@ -76,6 +79,7 @@ class Board:
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: int = 0
     rejected: int = 0
+    notices: list[str] = field(default_factory=list)  # what went wrong, as it happened
 
     def apply(self, event: dict[str, Any]) -> str | None:
         """Fold one relayed event; returns the task id if that task just finished."""
@@ -84,6 +88,9 @@ class Board:
             self.rejected += 1
         if event["aggregate"] != "task":
             return None
+        notice = _notice(event)
+        if notice is not None:
+            self.notices.append(notice)
         task = self.tasks.setdefault(event["key"], {"status": "submitted", "owner": "",
                                                     "hops": 0, "last": ""})
         data = event["data"]
@@ -104,6 +111,20 @@ class Board:
 
     def done(self) -> int:
         return sum(1 for t in self.tasks.values() if t["status"] != "submitted")
+
+
+def _notice(event: dict[str, Any]) -> str | None:
+    """A line worth showing live: failures handled, policy enforced."""
+    data, key = event["data"], short(event["key"], 11)
+    if event["kind"] == "attempt.timed_out":
+        return (f"  {key:<12} {data['agent']} missed its deadline on attempt {data['attempt']} "
+                "— retrying (another instance may take it)")
+    if event["kind"] == "tool.denied":
+        return (f"  {key:<12} {event['data']['tool']} DENIED ({data['rule']}): task labelled "
+                f"{', '.join(data['task_labels']) or '—'}")
+    if event["kind"] == "task.dead_lettered":
+        return f"  {key:<12} dead-lettered: {data['reason']}"
+    return None
 
 
 def run_demo(data_dir: Path, tasks: int, *, as_json: bool, timeout: float = 120.0,
@@ -147,9 +168,9 @@ async def _run(data_dir: Path, count: int, style: Style, say: Any, timeout: floa
         children: list[Child] = []
         try:
             children = _start_services(nats_server, ledger_path, data_dir / "logs", creds)
-            agents_line = " ".join(f"{c.name}({c.pid})" for c in children[1:])
-            say(f"  started coordinator (pid {children[0].pid}) and {len(children) - 1} "
-                f"agents: {agents_line}")
+            agents_line = " ".join(f"{c.name}({c.pid})" for c in children[1:-1])
+            say(f"  started coordinator (pid {children[0].pid}), {len(children) - 2} agent "
+                f"processes: {agents_line}, and a tool host ({children[-1].pid})")
             # The demo itself is two principals: the observer (pings services, reads the
             # ledger) and the client that submits tasks.
             async with (open_bus(_settings(nats_server, "lm_demo", creds, subjects, OBSERVER))
@@ -184,8 +205,19 @@ def _start_services(nats_server: EmbeddedNats, ledger_path: Path, logs: Path,
                                       "--ledger", str(ledger_path), "--config", str(POLICY)],
                       logs)]
     for name in TEAM:
-        children.append(spawn(name, ["agent", "run", f"agents.examples.support:{name}",
-                                     *connect(name)], logs))
+        if name != "researcher":
+            children.append(spawn(name, ["agent", "run", f"agents.examples.support:{name}",
+                                         *connect(name)], logs))
+    # Two researcher instances share one durable consumer. Both are armed to die (os._exit,
+    # like kill -9) on the first research attempt of the warranty question: whichever gets
+    # it crashes, its deadline passes, the coordinator records the timeout and retries,
+    # and the survivor finishes the task.
+    for name in ("researcher", "researcher-2"):
+        children.append(spawn(name, ["agent", "run", "agents.examples.support:researcher",
+                                     *connect("researcher")], logs, service="researcher",
+                              env=CRASH))
+    children.append(spawn("tools", ["tools", "run", "agents.examples.support:desk_tools",
+                                    *connect(TOOLS)], logs, service=TOOLS))
     return children
 
 
@@ -209,6 +241,10 @@ async def _drive(bus: Bus, client: Bus, subjects: Subjects, count: int, style: S
             async for message in receive:
                 record = decode_record(message.data)
                 finished = board.apply(decode_event(record.event))
+                while board.notices:
+                    if style.live:
+                        sys.stdout.write("\r\033[K")
+                    say(style.yellow(board.notices.pop(0)))
                 if finished is not None:
                     task = board.tasks[finished]
                     line = (f"  {short(finished, 11):<12} {task['status']:<10} "
@@ -244,8 +280,12 @@ def _finish(ledger_path: Path, board: Board, count: int, style: Style, say: Any,
         t0 = time.perf_counter()
         rebuilt = replay(ledger)
         seconds = time.perf_counter() - t0
-        declined = [t for t, s in rebuilt.tasks.items() if s.hops > 3] or list(rebuilt.tasks)
+        # Feature the task with the most to tell: a crash and retry, else a denial.
+        ranked = sorted(rebuilt.tasks.values(), key=lambda t: (-t.attempt, t.task_id))
+        declined = [t.task_id for t in ranked]
         audit = audit_task(ledger, declined[0]) if declined else None
+        denied = [t.task_id for t in ranked
+                  if any(c["state"] == "denied" for c in t.tool_calls.values())]
     finally:
         ledger.close()
     completed = sum(1 for t in rebuilt.tasks.values() if t.status == "completed")
@@ -263,6 +303,11 @@ def _finish(ledger_path: Path, board: Board, count: int, style: Style, say: Any,
         say(f"  audit of {audit.task_id} (ledgermesh audit {audit.task_id} --ledger {ledger_path})")
         for line in render_audit(audit, style, indent="  "):
             say(line)
+    if denied:
+        say()
+        say(f"  policy held: payments.refund was refused on {len(denied)} task(s) whose "
+            f"knowledge-base document planted an instruction (kb.search results are "
+            f"untrusted); see ledgermesh audit {denied[0]} --ledger {ledger_path}")
     say()
     say(f"  try next:  ledgermesh replay --ledger {ledger_path} --verify")
     say(f"             ledgermesh audit {declined[0] if declined else 'TASK'} --ledger {ledger_path}")

@@ -12,12 +12,22 @@ from typing import Any
 import anyio
 import msgspec
 
-from agents.client import submit_task
 from bus.client import BusSettings, Credentials, Observed, open_bus
 from coordinator.service import utc_now
 from ledgermesh.auth import load_credentials
 from ledgermesh.style import Style, short, stdout_style
-from schemas import LedgermeshError, LedgerRecord, Subjects, is_token
+from schemas import (
+    ApproveTool,
+    Codec,
+    Envelope,
+    LedgermeshError,
+    LedgerRecord,
+    ResumeAgent,
+    Subjects,
+    SubmitTask,
+    SuspendAgent,
+    is_token,
+)
 
 
 class UsageError(LedgermeshError):
@@ -40,11 +50,7 @@ class SubmitRejectedError(LedgermeshError):
 
 
 def bus_settings(nats_url: str, name: str, credentials: Credentials | None) -> BusSettings:
-    if credentials is None:
-        return BusSettings(url=nats_url, name=name)
-    return BusSettings(url=nats_url, name=name, nkey_seed=credentials.nkey_seed,
-                       inbox_prefix=credentials.inbox_prefix,
-                       js_api_prefix=credentials.js_api_prefix)
+    return BusSettings.of(nats_url, name, credentials)
 
 
 def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_text: str,
@@ -62,41 +68,80 @@ def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_t
                              if credentials is not None else "client")
     settings = bus_settings(nats_url, f"{prefix}_submit", credentials)
 
-    msg_id = str(uuid.uuid4())
-    verdict: list[dict[str, Any]] = []
+    envelope = Envelope(id=str(uuid.uuid4()), sender=who, task_id=task, sent_at=utc_now(),
+                        body=SubmitTask(to=to, title=title, payload=payload))
+    event = await_verdict(settings, subjects, envelope, wait,
+                          watch=(subjects.ledger_of_task(task),))
+    if event is None:
+        print(f"submitted {task} to {to}; no verdict from the coordinator within {wait:.0f} s "
+              "(is it running?)")
+        return 1
+    if event["kind"] == "message.rejected":
+        data = event["data"]
+        raise SubmitRejectedError(f"task {task} rejected ({data['code']}): {data['reason']}")
+    print(f"submitted {task} to {to} (recorded)")
+    print(f"  watch it:  ledgermesh tail --nats {nats_url} --task {task} --from-start")
+    return 0
+
+
+def await_verdict(settings: BusSettings, subjects: Subjects, envelope: Envelope, wait: float,
+                  watch: tuple[str, ...]) -> dict[str, Any] | None:
+    """Publish ``envelope`` on its sender's intake; the first ledger event it caused (or its
+    rejection), or None if nothing was recorded within ``wait`` seconds."""
+    found: list[dict[str, Any]] = []
+    rejections = subjects.ledger("principal", envelope.sender, "message.rejected")
 
     async def main() -> None:
         async with open_bus(settings) as bus:
             # Watch for the ledger's verdict before publishing, so it cannot be missed.
             send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=64)
             async with anyio.create_task_group() as tg, receive:
-                for subject in (subjects.ledger_of_task(task),
-                                subjects.ledger("principal", who, "message.rejected")):
+                for subject in (*watch, rejections):
                     await tg.start(bus.serve_observe, subjects.ledger_stream, subject,
                                    send.clone(), False)
                 send.close()
-                await submit_task(bus, subjects, task_id=task, to=to, title=title,
-                                  payload=payload, principal=who, msg_id=msg_id,
-                                  clock=utc_now)
+                await bus.publish(subjects.intake(envelope.sender), Codec().encode(envelope),
+                                  msg_id=envelope.id)
                 with anyio.move_on_after(wait):
                     async for message in receive:
                         record = msgspec.json.decode(message.data, type=LedgerRecord)
                         event = msgspec.json.decode(record.event)
-                        if event["msg_id"] == msg_id:
-                            verdict.append(event)
+                        if event["msg_id"] == envelope.id:
+                            found.append(event)
                             break
                 tg.cancel_scope.cancel()
 
     anyio.run(main)
-    if not verdict:
-        print(f"submitted {task} to {to}; no verdict from the coordinator within {wait:.0f} s "
-              "(is it running?)")
+    return found[0] if found else None
+
+
+class OperatorRejectedError(LedgermeshError):
+    """The coordinator refused an operator command (and recorded why)."""
+
+
+def operator_command(nats_url: str, prefix: str, body: ApproveTool | SuspendAgent | ResumeAgent,
+                     *, task_id: str, principal: str | None, nkey: Path | None,
+                     wait: float = 10.0) -> int:
+    """``approve``, ``agent suspend``, ``agent resume``: recorded commands of an operator."""
+    subjects = Subjects(prefix)
+    credentials = load_credentials(nkey, subjects, principal)
+    who = principal or (credentials.inbox_prefix.removeprefix("_INBOX.")
+                        if credentials is not None else "operator")
+    if not is_token(task_id):
+        raise UsageError(f"task id {task_id!r}: use 1-128 letters, digits, '-' or '_'")
+    envelope = Envelope(id=str(uuid.uuid4()), sender=who, task_id=task_id,
+                        sent_at=utc_now(), body=body)
+    target = (subjects.ledger_of_task(task_id) if isinstance(body, ApproveTool)
+              else subjects.ledger("principal", body.agent, ">"))
+    event = await_verdict(BusSettings.of(nats_url, f"{prefix}_operator", credentials),
+                          subjects, envelope, wait, watch=(target,))
+    if event is None:
+        print(f"sent; no verdict from the coordinator within {wait:.0f} s (is it running?)")
         return 1
-    if verdict[0]["kind"] == "message.rejected":
-        data = verdict[0]["data"]
-        raise SubmitRejectedError(f"task {task} rejected ({data['code']}): {data['reason']}")
-    print(f"submitted {task} to {to} (recorded)")
-    print(f"  watch it:  ledgermesh tail --nats {nats_url} --task {task} --from-start")
+    if event["kind"] == "message.rejected":
+        data = event["data"]
+        raise OperatorRejectedError(f"refused ({data['code']}): {data['reason']}")
+    print(f"recorded: {event['kind']} (by {who})")
     return 0
 
 
@@ -114,6 +159,17 @@ def describe(record: LedgerRecord, event: dict[str, Any]) -> str:
         "handoff.declined": lambda: f"→ {data.get('to')}  declined: {data.get('reason')}",
         "task.completed": lambda: f"completed \"{data.get('result')}\"",
         "task.failed": lambda: f"failed: {data.get('reason')}",
+        "attempt.timed_out": lambda: f"{data.get('agent')} timed out (attempt {data.get('attempt')})",
+        "attempt.failed": lambda: f"attempt {data.get('attempt')} failed: {data.get('reason')}",
+        "task.dead_lettered": lambda: f"dead-lettered: {data.get('reason')}",
+        "tool.requested": lambda: f"{data.get('tool')} {json.dumps(data.get('args'))}",
+        "tool.denied": lambda: f"{data.get('tool')} DENIED {data.get('rule')}: {data.get('reason')}",
+        "tool.completed": lambda: ("ok" if data.get("outcome", {}).get("ok") else "error")
+                                  + (f" labels {data.get('labels')}" if data.get("labels") else ""),
+        "tool.approved": lambda: f"{data.get('tool')} approved: {data.get('reason')}",
+        "agent.suspended": lambda: f"SUSPENDED: {data.get('reason')}",
+        "agent.resumed": lambda: f"resumed: {data.get('reason')}",
+        "principal.throttled": lambda: f"{data.get('count')} messages dropped by the rate limit",
         "message.rejected": lambda: f"REJECTED {data.get('code')}: {data.get('reason')}",
     }.get(kind, lambda: "")()
     return f"#{record.position:<6} {short(event['key'], 14):<15} {who:<12} {kind:<18} {detail}"

@@ -24,6 +24,7 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     log_file: Path
+    service: str = ""  # the NATS micro name it answers to (default: its name)
 
     @property
     def pid(self) -> int:
@@ -40,8 +41,13 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def spawn(name: str, args: list[str], log_dir: Path) -> Child:
-    """Start ``python -m ledgermesh ARGS`` with output to ``log_dir/NAME.log``."""
+def spawn(name: str, args: list[str], log_dir: Path, *, service: str = "",
+          env: dict[str, str] | None = None) -> Child:
+    """Start ``python -m ledgermesh ARGS`` with output to ``log_dir/NAME.log``.
+
+    ``env`` adds variables (e.g. a crash point for a fault demo); ``service`` is the micro
+    service name it registers, when that is not ``name`` (a second instance, a tool host).
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / f"{name}.log"
     with log_file.open("wb") as out:
@@ -50,9 +56,9 @@ def spawn(name: str, args: list[str], log_dir: Path) -> Child:
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             # Credentials only ever as arguments: never inherit the parent's.
             env={**{k: v for k, v in os.environ.items() if k != "LEDGERMESH_NKEY"},
-                 "PYTHONUNBUFFERED": "1"},
+                 "PYTHONUNBUFFERED": "1", **(env or {})},
         )
-    return Child(name, process, log_file)
+    return Child(name, process, log_file, service or name)
 
 
 async def stop_all(children: list[Child], timeout: float = 10.0) -> None:
@@ -76,7 +82,7 @@ async def wait_ready(bus: Bus, subjects: Subjects, children: list[Child],
     with anyio.move_on_after(timeout):
         while waiting:
             child = waiting[0]
-            if await bus.ping(subjects.service(child.name)):
+            if await bus.ping(subjects.service(child.service)):
                 waiting.pop(0)
             elif not child.alive():
                 raise StartupError(f"{child.name} exited during start-up "

@@ -12,10 +12,11 @@ from anyio.abc import TaskStatus
 
 from agents import load_agent
 from agents.runtime import AgentSettings, run_agent
+from agents.tools import ToolHostSettings, load_tool_host, run_tool_host
 from bus.faults import CrashPoints
 from coordinator.policy import load_policy
 from coordinator.service import CoordinatorSettings, run_coordinator
-from ledgermesh.auth import COORDINATOR, load_credentials
+from ledgermesh.auth import COORDINATOR, TOOLS, load_credentials
 from schemas import Subjects
 
 Service = Callable[..., Awaitable[None]]
@@ -60,5 +61,17 @@ def agent_run(spec: str, nats_url: str, prefix: str, concurrency: int | None,
 
     async def service(task_status: TaskStatus[None]) -> None:
         await run_agent(agent, settings, task_status=task_status)
+
+    anyio.run(run_until_signalled, service)
+
+
+def tools_run(spec: str, nats_url: str, prefix: str, nkey: Path | None = None) -> None:
+    host = load_tool_host(spec)
+    subjects = Subjects(prefix)
+    settings = ToolHostSettings(nats_url=nats_url, subjects=subjects,
+                                credentials=load_credentials(nkey, subjects, TOOLS))
+
+    async def service(task_status: TaskStatus[None]) -> None:
+        await run_tool_host(host, settings, task_status=task_status)
 
     anyio.run(run_until_signalled, service)

@@ -170,6 +170,9 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     input: Payload
     envelope: Envelope
     labels: tuple[str, ...] = ()
+    # When this attempt times out (the coordinator then retries it). A copy redelivered
+    # after that is stale: runtimes may drop it instead of doing the work twice.
+    deadline: Timestamp | None = None
 
 
 class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -21,21 +21,36 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object], Path]:
     data = tmp_path_factory.mktemp("demo")
-    done = run_cli("demo", "--json", "--tasks", "4", "--data-dir", str(data))
+    done = run_cli("demo", "--json", "--data-dir", str(data))  # the default: 5 tasks
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout), data / "ledger.db"
 
 
 def test_demo_completes_every_task_and_verifies(demo: tuple[dict[str, object], Path]) -> None:
     result, ledger = demo
-    assert result["tasks_submitted"] == 4
-    assert result["tasks_completed"] == 4
+    assert result["tasks_submitted"] == 5
+    assert result["tasks_completed"] == 5
     assert result["verified"] is True
-    # 4 tasks x 23 events: submit, 6 assignments, 4 handoffs, 1 decline, 3 implicit
-    # acceptances, 4 notes, a kb.search call (requested, authorized, completed: no tool host
-    # runs in the demo, so it completes as unavailable), completion.
-    assert result["events"] == 4 * 23
+    # At least 5 x 23 events: submit, 6 assignments, 4 handoffs, 1 decline, 3 implicit
+    # acceptances, 4 notes, a kb.search call (requested, authorized, completed),
+    # completion; more for the refund task (a denied tool call) and the crash story.
+    assert result["events"] >= 5 * 23 + 3
     assert result["ledger"] == str(ledger)
+
+
+def test_demo_tells_the_crash_and_the_denial(demo: tuple[dict[str, object], Path]) -> None:
+    """A researcher process dies mid-task (a crash point), the deadline passes, the task is
+    retried on the other instance; the planted refund instruction is refused by policy."""
+    _, ledger = demo
+    db = sqlite3.connect(ledger)
+    kinds = db.execute("SELECT json_extract(state, '$.kind'), json_extract(state, '$.data') "
+                       "FROM stored_events ORDER BY rowid").fetchall()
+    db.close()
+    timeouts = [json.loads(d) for k, d in kinds if k == "attempt.timed_out"]
+    assert timeouts and all(t["agent"] == "researcher" for t in timeouts)
+    denials = [json.loads(d) for k, d in kinds if k == "tool.denied"]
+    assert denials and {d["rule"] for d in denials} == {"taint"}
+    assert {d["tool"] for d in denials} == {"payments.refund"}
 
 
 def test_replay_after_the_demo_gives_the_same_digest(demo: tuple[dict[str, object], Path]) -> None:
@@ -45,7 +60,7 @@ def test_replay_after_the_demo_gives_the_same_digest(demo: tuple[dict[str, objec
     assert first.returncode == 0, first.stderr
     report = json.loads(first.stdout)
     assert report["digest"] == result["digest"] == json.loads(second.stdout)["digest"]
-    assert report["tasks_by_status"] == {"completed": 4}
+    assert report["tasks_by_status"] == {"completed": 5}
     assert report["verified"] is True
 
 

@@ -1,0 +1,60 @@
+"""``ledgermesh status``: is the coordinator up and keeping up, and are the agents there?"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from bus.client import BusSettings, open_bus
+from coordinator.policy import load_policy
+from ledgermesh.auth import OBSERVER, load_credentials
+from ledgermesh.style import stdout_style
+from schemas import Subjects
+
+
+def status_command(nats_url: str, prefix: str, config: Path, *, nkey: Path | None,
+                   as_json: bool) -> int:
+    subjects = Subjects(prefix)
+    agents = list(load_policy(config).agents) if config.exists() else []
+    settings = BusSettings.of(nats_url, f"{prefix}_status",
+                              load_credentials(nkey, subjects, OBSERVER))
+    report: dict[str, Any] = {"nats": nats_url, "coordinator": None, "agents": {}}
+
+    async def main() -> None:
+        async with open_bus(settings) as bus:
+            reply = await bus.service_status(subjects.service("coordinator"))
+            report["coordinator"] = None if reply is None else msgspec.json.decode(reply)
+            for name in agents:
+                reply = await bus.service_status(subjects.service(name))
+                report["agents"][name] = None if reply is None else msgspec.json.decode(reply)
+
+    anyio.run(main)
+    coordinator = report["coordinator"]
+    healthy = coordinator is not None and coordinator["status"] == "ok"
+    if as_json:
+        print(json.dumps(report))
+        return 0 if healthy else 1
+    style = stdout_style()
+    if coordinator is None:
+        style.out(style.red(f"coordinator: not answering on {nats_url} (prefix {prefix})"))
+    else:
+        lag = coordinator["intake_position"] - coordinator["relayed_position"]
+        state = (style.green("ok") if coordinator["status"] == "ok"
+                 else style.red(coordinator["status"]))
+        style.out(f"coordinator: {state} · connected {coordinator['connected']} · "
+                  f"{coordinator['events_recorded']} events recorded since start · "
+                  f"intake position {coordinator['intake_position']} · relay lag {lag}")
+        if coordinator["last_error"]:
+            style.out(f"  last error: {coordinator['last_error']}")
+    for name, agent in report["agents"].items():
+        if agent is None:
+            style.out(f"agent {name:<12} {style.yellow('not answering')}")
+        else:
+            style.out(f"agent {name:<12} {style.green('up')} · handled {agent['handled']} · "
+                      f"failed {agent['failed']}"
+                      + (f" · last error: {agent['last_error']}" if agent["last_error"] else ""))
+    return 0 if healthy else 1
