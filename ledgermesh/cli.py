@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    service = args.command in ("coordinator", "agent")
+    service = getattr(args, "action", None) == "run"  # long-running: log what happens
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.INFO if service else logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

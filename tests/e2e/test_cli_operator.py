@@ -1,0 +1,87 @@
+"""Operator commands against a running coordinator: status, approve, suspend, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+import agents.examples
+from bus.client import BusSettings, open_bus
+from bus.embedded import EmbeddedNats
+from ledgermesh.processes import Child, spawn, stop_all, wait_ready
+from schemas import Subjects
+
+POLICY = Path(agents.examples.__file__).parent / "ledgermesh.toml"
+
+
+@pytest.fixture
+async def running(nats_server: EmbeddedNats, prefix: str, tmp_path: Path) -> AsyncIterator[Path]:
+    ledger = tmp_path / "ledger.db"
+    common = ["--nats", nats_server.url, "--prefix", prefix]
+    children: list[Child] = [
+        spawn("coordinator", ["coordinator", "run", *common, "--ledger", str(ledger),
+                              "--config", str(POLICY)], tmp_path / "logs"),
+        spawn("tools", ["tools", "run", "agents.examples.support:desk_tools", *common],
+              tmp_path / "logs"),
+    ]
+    try:
+        async with open_bus(BusSettings(url=nats_server.url, name="test")) as bus:
+            await wait_ready(bus, Subjects(prefix), children)
+        yield ledger
+    finally:
+        await stop_all(children)
+
+
+async def cli(nats: EmbeddedNats, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ledgermesh", *args, "--nats", nats.url,
+                               "--prefix", prefix], capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    return await anyio.to_thread.run_sync(run)
+
+
+async def test_operator_commands_are_recorded_or_refused_clearly(
+        running: Path, nats_server: EmbeddedNats, prefix: str) -> None:
+    status = await cli(nats_server, prefix, "status", "--config", str(POLICY), "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["coordinator"]["status"] == "ok"
+    assert report["agents"]["triage"] is None  # no agent runs here: reported, not hidden
+
+    done = await cli(nats_server, prefix, "submit", "--to", "triage", "--title", "Refund?",
+                     "--task-id", "t-op")
+    assert done.returncode == 0, done.stderr
+    done = await cli(nats_server, prefix, "approve", "t-op", "--tool", "payments.refund",
+                     "--reason", "customer verified by phone")
+    assert done.returncode == 0, done.stderr
+    assert "recorded: tool.approved (by operator)" in done.stdout
+
+    done = await cli(nats_server, prefix, "approve", "t-nothing", "--tool", "payments.refund")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: refused (unknown_task)")
+
+    done = await cli(nats_server, prefix, "agent", "suspend", "writer", "--reason", "looping")
+    assert done.returncode == 0, done.stderr
+    assert "recorded: agent.suspended" in done.stdout
+    done = await cli(nats_server, prefix, "agent", "suspend", "writer", "--as", "client")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: refused (not_operator)")
+    done = await cli(nats_server, prefix, "agent", "resume", "writer")
+    assert done.returncode == 0 and "recorded: agent.resumed" in done.stdout
+
+    human = await cli(nats_server, prefix, "status", "--config", str(POLICY))
+    assert human.returncode == 0
+    assert "coordinator: ok" in human.stdout and "not answering" in human.stdout
+
+
+async def test_status_without_a_coordinator_says_so(nats_server: EmbeddedNats, prefix: str) -> None:
+    done = await cli(nats_server, prefix, "status", "--config", str(POLICY))
+    assert done.returncode == 1
+    assert "coordinator: not answering" in done.stdout
