@@ -230,7 +230,7 @@ class Bus:
                 acks.append(PubAck(ack.stream, ack.seq, bool(ack.duplicate)))
         return acks
 
-    async def flush(self, timeout: float = 5.0) -> None:
+    async def flush(self, timeout: int = 5) -> None:
         """Until the server has everything published so far (acks included)."""
         try:
             await self._nc.flush(timeout=timeout)
@@ -430,7 +430,8 @@ class Bus:
                           status: Callable[[], bytes]) -> None:
         """Register with the NATS micro API (``nats micro ls``), with a status endpoint."""
         from nats.micro import add_service  # local: only services need it
-        from nats.micro.service import EndpointConfig, Request
+        from nats.micro.request import Request
+        from nats.micro.service import EndpointConfig
 
         service = await add_service(self._nc, name=name, version=version,
                                     description=description, metadata=metadata)

@@ -1,8 +1,8 @@
 """Crash points for fault-injection tests and demos: die exactly here, like ``kill -9``.
 
 ``LEDGERMESH_CRASH_AT=coordinator.after_commit`` makes the process call ``os._exit`` the
-first time it reaches that point; ``agent.handler@warranty@"attempt":2`` only when the
-context text (the delivery, the batch) contains every ``@``-separated part. Read once at start-up by the CLI and
+first time it reaches that point; ``agent.handler@warranty@"attempt":2`` only when
+the context text (the delivery, the batch) contains every ``@``-separated part. Read once at start-up by the CLI and
 passed down; an empty ``CrashPoints`` does nothing.
 """
 
@@ -57,3 +57,6 @@ class CrashPoints:
             log.critical("crash point %s reached: exiting with %d", point, EXIT_CODE)
             logging.shutdown()
             os._exit(EXIT_CODE)
+
+
+NO_CRASH = CrashPoints()  # immutable: the default everywhere a crash point can be armed

@@ -95,8 +95,12 @@ def decide(principal: str, raw: bytes, env: Envelope, task: TaskState | None,
         # Any output from the receiver of a handoff is its acceptance.
         out.append(event(Kind.HANDOFF_ACCEPTED, {"request_id": offer.request_id,
                                                  "by": env.sender, "implicit": True}, decided))
-    onward = {"title": task.title, "input": task.input, "policy": policy, "now": now,
-              "labels": _merge(task.labels, env.labels), "attempt": task.attempt + 1}
+    def onward(agent: str) -> dict[str, Any]:
+        """The next step's assignment: a new attempt, first try."""
+        return _assign(env, agent, attempt=task.attempt + 1, tries=1, title=task.title,
+                       input=task.input, labels=_merge(task.labels, env.labels),
+                       policy=policy, now=now)
+
     if isinstance(body, HandoffDecision):
         assert offer is not None
         if body.accept:
@@ -107,13 +111,13 @@ def decide(principal: str, raw: bytes, env: Envelope, task: TaskState | None,
             out.append(event(Kind.HANDOFF_DECLINED, {"request_id": offer.request_id,
                                                      "reason": body.reason, "to": offer.by,
                                                      **labels}))
-            out.append(event(Kind.ASSIGNED, _assign(env, offer.by, tries=1, **onward), decided))
+            out.append(event(Kind.ASSIGNED, onward(offer.by), decided))
     elif isinstance(body, Say):
         out.append(event(Kind.SAID, {"text": body.text, **labels}))
     elif isinstance(body, HandoffRequest):
         out.append(event(Kind.HANDOFF_REQUESTED, {"to": body.to, "reason": body.reason,
                                                   "payload": body.payload, **labels}))
-        out.append(event(Kind.ASSIGNED, _assign(env, body.to, tries=1, **onward), decided))
+        out.append(event(Kind.ASSIGNED, onward(body.to), decided))
     elif isinstance(body, Complete):
         out.append(event(Kind.COMPLETED, {"result": body.result, "payload": body.payload,
                                           **labels}))

@@ -12,7 +12,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from bus.client import Bus, Inbound
-from bus.faults import CrashPoints
+from bus.faults import NO_CRASH, CrashPoints
 from bus.topology import coordinator_consumer
 from coordinator.health import Health
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter
@@ -24,7 +24,7 @@ log = logging.getLogger("ledgermesh.coordinator.intake")
 
 async def serve_intake(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLimiter,
                        subjects: Subjects, relay: Doorbell, health: Health,
-                       batch_max: int = 256, crash: CrashPoints = CrashPoints(), *,
+                       batch_max: int = 256, crash: CrashPoints = NO_CRASH, *,
                        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=batch_max * 2)
     async with anyio.create_task_group() as tg, receive:

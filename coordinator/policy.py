@@ -62,7 +62,7 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         return agent is not None and to in agent.handoff_to
 
     def retry_delay(self, tries: int) -> float:
-        return min(self.retry_backoff_s * 2 ** max(tries - 1, 0), 30.0)
+        return float(min(self.retry_backoff_s * 2.0 ** max(tries - 1, 0), 30.0))
 
     def tool_denial(self, agent: str, tool: str, args: dict[str, object],
                     labels: list[str], approved: list[str]) -> tuple[str, str] | None:

@@ -17,7 +17,7 @@ from anyio.abc import TaskStatus
 from eventsourcing.persistence import Notification
 
 from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID, Bus, BusError
-from bus.faults import CrashPoints
+from bus.faults import NO_CRASH, CrashPoints
 from coordinator.health import Health
 from coordinator.ledger.events import Kind
 from coordinator.ledger.store import Ledger
@@ -60,7 +60,7 @@ def outbox_items(notifications: Sequence[Notification], subjects: Subjects,
 
 async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
                       subjects: Subjects, doorbell: Doorbell, health: Health,
-                      crash: CrashPoints = CrashPoints(), *, page: int = 512,
+                      crash: CrashPoints = NO_CRASH, *, page: int = 512,
                       task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     position = subjects.ledger_position(await bus.last_msg_id(subjects.ledger_stream))
     health.relayed_position = position

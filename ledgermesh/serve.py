@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 from pathlib import Path
 
 import anyio
@@ -22,7 +23,7 @@ from schemas import Subjects
 Service = Callable[..., Awaitable[None]]
 
 
-async def run_until_signalled(service: Callable[[TaskStatus[None]], Awaitable[None]]) -> None:
+async def run_until_signalled(service: Callable[..., Coroutine[Any, Any, None]]) -> None:
     """Run ``service`` until SIGTERM or SIGINT, then cancel it cleanly."""
     async with anyio.create_task_group() as tg:
 
