@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import anyio
 import msgspec
@@ -14,9 +15,11 @@ from anyio.abc import TaskStatus
 from bus.client import BusSettings, Credentials, open_bus
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer, coordinator_consumer, streams
+from coordinator.checkpointer import serve_checkpoints
 from coordinator.gateway import serve_gateway
 from coordinator.health import Health
 from coordinator.intake import serve_intake
+from coordinator.ledger.checkpoints import Checkpointer, load_signer
 from coordinator.ledger.store import open_ledger
 from coordinator.ledger.writer import LedgerWriter
 from coordinator.policy import Policy
@@ -42,6 +45,10 @@ class CoordinatorSettings:
     clock: Callable[[], datetime] = utc_now
     crash: CrashPoints = CrashPoints()
     credentials: Credentials | None = None  # None: an open (dev) server
+    # Checkpoints: an Ed25519 nkey seed; None: <ledger>.signing.nk (made if missing).
+    signing_seed: str | None = None
+    checkpoint_every: int = 1000  # events
+    checkpoint_interval_s: float = 30.0
 
 
 async def run_coordinator(settings: CoordinatorSettings, *,
@@ -53,6 +60,8 @@ async def run_coordinator(settings: CoordinatorSettings, *,
     try:
         writer = await anyio.to_thread.run_sync(
             lambda: LedgerWriter(ledger, settings.policy, subjects, settings.clock))
+        signer = await anyio.to_thread.run_sync(
+            lambda: load_signer(settings.signing_seed, settings.ledger))
         limiter = anyio.CapacityLimiter(1)  # one writer thread per ledger
         doorbell = Doorbell()
 
@@ -81,6 +90,10 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                 await tg.start(serve_intake, bus, writer, limiter, subjects, doorbell, health,
                                settings.batch_max, settings.crash)
                 await tg.start(serve_timer, writer, limiter, doorbell, health)
+                await tg.start(partial(serve_checkpoints, writer, ledger, limiter, doorbell,
+                                       health, Checkpointer(signer, subjects.prefix),
+                                       every_events=settings.checkpoint_every,
+                                       every_s=settings.checkpoint_interval_s))
                 await tg.start(serve_gateway, bus, writer, limiter, subjects, settings.policy,
                                doorbell)
                 await bus.add_service(subjects.service("coordinator"), "0.1.0",

@@ -23,6 +23,7 @@ GENESIS = "0" * 64
 _NS_TASK = UUID("6d1f3d0e-8a57-5b6c-9d0e-4c1a2b3c4d5e")
 _NS_PRINCIPAL = UUID("0b7c5a2e-3f41-5d8e-a6b9-1c2d3e4f5a6b")
 _NS_DELIVERY = UUID("9a4e2c1b-7d3f-5e6a-8b9c-0d1e2f3a4b5c")
+_NS_CHECKPOINT = UUID("c3e8f1a2-4b5d-5c6e-9f0a-1b2c3d4e5f60")
 
 
 class Kind(StrEnum):
@@ -48,11 +49,13 @@ class Kind(StrEnum):
     RESUMED = "agent.resumed"
     THROTTLED = "principal.throttled"
     REJECTED = "message.rejected"
+    CHECKPOINTED = "ledger.checkpointed"  # a signed global chain head (checkpoints.py)
 
 
 class Aggregate(StrEnum):
     TASK = "task"
     PRINCIPAL = "principal"
+    CHECKPOINT = "checkpoint"
 
 
 def task_aggregate_id(task_id: str) -> UUID:
@@ -61,6 +64,10 @@ def task_aggregate_id(task_id: str) -> UUID:
 
 def principal_aggregate_id(principal: str) -> UUID:
     return uuid5(_NS_PRINCIPAL, principal)
+
+
+def checkpoint_aggregate_id(key: str) -> UUID:
+    return uuid5(_NS_CHECKPOINT, key)
 
 
 def delivery_id(cause_msg_id: str, agent: str, attempt: int) -> str:
@@ -130,6 +137,8 @@ def stamp(draft: Draft, *, version: int, prev_hash: str, recorded_at: str) -> Le
     aggregate_id = (
         task_aggregate_id(draft.key)
         if draft.aggregate is Aggregate.TASK
+        else checkpoint_aggregate_id(draft.key)
+        if draft.aggregate is Aggregate.CHECKPOINT
         else principal_aggregate_id(draft.key)
     )
     p = draft.provenance

@@ -5,17 +5,19 @@ Replay never decides anything: it folds what was recorded, in ledger order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from eventsourcing.persistence import Notification
 
+from coordinator.ledger.checkpoints import CHECKPOINTS_KEY, Checkpoint, GlobalChain
 from coordinator.ledger.events import (
     GENESIS,
     TOPIC,
     Aggregate,
+    Kind,
     LedgerEvent,
     chain_hash,
     stored_state,
@@ -47,6 +49,7 @@ class Replay:
     tasks: dict[str, TaskState] = field(default_factory=dict)
     principals: dict[str, PrincipalState] = field(default_factory=dict)
     breaks: list[Break] = field(default_factory=list)
+    chain: GlobalChain = field(default_factory=GlobalChain)  # global chain, checkpoints
 
     @property
     def verified(self) -> bool:
@@ -61,9 +64,14 @@ _decoder = msgspec.json.Decoder()
 
 
 def replay(ledger: Ledger, *, to: int | None = None, page: int = 2000,
-           progress: Callable[[int], None] | None = None) -> Replay:
-    """Fold the whole log (or up to position ``to``) and check each event's chain link."""
-    result = Replay()
+           progress: Callable[[int], None] | None = None,
+           trusted_keys: Iterable[str] | None = None,
+           against: Iterable[Checkpoint] = ()) -> Replay:
+    """Fold the whole log (or up to position ``to``) and check each event's chain link,
+    the global chain and every signed checkpoint (only ``trusted_keys``' if given), and
+    that the log matches the external checkpoints ``against`` (not truncated or rewritten).
+    """
+    result = Replay(chain=GlobalChain(trusted_keys, against))
     heads: dict[Any, tuple[int, str]] = {}
     after = 0
     while True:
@@ -72,11 +80,25 @@ def replay(ledger: Ledger, *, to: int | None = None, page: int = 2000,
             break
         for n in notifications:
             if to is not None and n.id > to:
-                return result
+                return _finish(result, to)
             _fold(result, heads, n)
             after = n.id
         if progress is not None:
             progress(after)
+    return _finish(result, to)
+
+
+def verify_against(ledger: Ledger, checkpoint: Checkpoint,
+                   trusted_keys: Iterable[str] | None = None) -> list[Break]:
+    """Every break of the ledger, checked against an external signed checkpoint too (the
+    newest from the LEDGER stream, or one saved to a file)."""
+    return replay(ledger, trusted_keys=trusted_keys, against=[checkpoint]).breaks
+
+
+def _finish(result: Replay, to: int | None) -> Replay:
+    result.breaks += [Break(position, Aggregate.CHECKPOINT.value, CHECKPOINTS_KEY,
+                            Kind.CHECKPOINTED.value, why)
+                      for position, why in result.chain.finish(to)]
     return result
 
 
@@ -124,11 +146,17 @@ def _fold(result: Replay, heads: dict[Any, tuple[int, str]], n: Notification) ->
     if problem is not None:
         result.breaks.append(Break(n.id, event.aggregate, event.key, event.kind, problem))
     heads[n.originator_id] = (n.originator_version, stored)
+    result.breaks += [Break(n.id, event.aggregate, event.key, event.kind, why)
+                      for why in result.chain.link(n.id, event.hash)]
     if event.aggregate == Aggregate.TASK:
         task = result.tasks.get(event.key)
         if task is None:
             task = result.tasks[event.key] = TaskState(task_id=event.key)
         task.apply(event)
+    elif event.aggregate == Aggregate.CHECKPOINT:
+        problem = result.chain.check(n.id, event.data)
+        if problem is not None:
+            result.breaks.append(Break(n.id, event.aggregate, event.key, event.kind, problem))
     else:
         principal = result.principals.get(event.key)
         if principal is None:

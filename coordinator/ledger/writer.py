@@ -24,6 +24,7 @@ from coordinator.decide import (
     decide_tool_result,
     reject_unreadable,
 )
+from coordinator.ledger.checkpoints import Checkpointer
 from coordinator.ledger.events import (
     Aggregate,
     Draft,
@@ -122,6 +123,13 @@ class LedgerWriter:
             return events
 
         events, positions = self._commit(decide_due, lambda: None)
+        return Recorded(events, positions, 0)
+
+    def record_checkpoint(self, checkpointer: Checkpointer) -> Recorded:
+        """Record a signed checkpoint of everything stored so far (ledger/checkpoints.py)."""
+        now = self._clock()
+        events, positions = self._commit(lambda: checkpointer.seal(self._ledger, now),
+                                         lambda: None)
         return Recorded(events, positions, 0)
 
     def _commit(self, decide_events: Callable[[], list[LedgerEvent]],
