@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="SQLite file (created if missing) or postgresql://… URL")
     coord_run.add_argument("--config", type=Path, default=Path("ledgermesh.toml"),
                            help="policy file (default ./ledgermesh.toml)")
+    coord_run.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
+                           help="nkey seed that signs checkpoints (default: LEDGER.signing.nk "
+                                "next to a SQLite ledger, made on first start)")
 
     agent = commands.add_parser("agent", help="agent services")
     agent_commands = agent.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -131,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--verify", action="store_true",
                      help="exit 1 if any hash chain is broken (names the position)")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
+    rep.add_argument("--trusted-key", action="append", default=[], metavar="PUBKEY",
+                     help="only checkpoints signed by this coordinator key count (repeatable; "
+                          "the coordinator logs its key at start)")
+    rep.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
+                     help="a saved signed checkpoint the ledger must still contain (catches a "
+                          "truncated or rewritten ledger)")
+    rep.add_argument("--checkpoint-from-nats", default=None, metavar="URL",
+                     help="hold the ledger against the newest checkpoint in the ledger stream")
+    rep.add_argument("--prefix", default="lm", help="subject prefix (with --checkpoint-from-nats)")
+    rep.add_argument("--nkey", type=Path, default=None, metavar="FILE",
+                     help="observer nkey seed (with --checkpoint-from-nats on a secured server)")
+    rep.add_argument("--save-checkpoint", type=Path, default=None, metavar="FILE",
+                     help="after a clean verify, save the newest signed checkpoint here")
 
     aud = commands.add_parser("audit", help="timeline of one task: who did what, and why")
     aud.add_argument("task_id", metavar="TASK_ID")
@@ -174,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "coordinator":
         from ledgermesh.serve import coordinator_run
 
-        coordinator_run(args.nats, args.ledger, args.config, args.prefix, args.nkey)
+        coordinator_run(args.nats, args.ledger, args.config, args.prefix, args.nkey,
+                        args.signing_key)
         return 0
     if args.command == "agent" and args.action == "run":
         from ledgermesh.serve import agent_run
@@ -226,7 +243,13 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "replay":
         from ledgermesh.inspect import replay_command
 
-        return replay_command(args.ledger, to=args.to, verify=args.verify, as_json=args.json)
+        from ledgermesh.inspect import external_checkpoint
+
+        checkpoint = external_checkpoint(args.checkpoint, args.checkpoint_from_nats,
+                                         args.prefix, args.nkey)
+        return replay_command(args.ledger, to=args.to, verify=args.verify, as_json=args.json,
+                              trusted_keys=tuple(args.trusted_key), checkpoint=checkpoint,
+                              save_checkpoint=args.save_checkpoint)
     if args.command == "audit":
         from ledgermesh.inspect import audit_command
 

@@ -8,12 +8,22 @@ from pathlib import Path
 
 import msgspec
 
+import anyio
+
+from bus.client import BusSettings, open_bus
+from coordinator.ledger.checkpoints import (
+    Checkpoint,
+    latest_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from coordinator.ledger.replay import replay
 from coordinator.ledger.store import LedgerError, open_ledger
 from coordinator.policy import load_policy
 from ledgermesh.audit import audit_task, render_audit
+from ledgermesh.auth import OBSERVER, load_credentials
 from ledgermesh.style import Style, stdout_style
-from schemas import LedgermeshError
+from schemas import LedgermeshError, Subjects
 
 
 class ReplayReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -26,9 +36,34 @@ class ReplayReport(msgspec.Struct, frozen=True, kw_only=True):
     verified: bool
     seconds: float
     first_break: dict[str, object] | None
+    checkpoints: str  # what the signed checkpoints cover
 
 
-def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool) -> int:
+def external_checkpoint(path: Path | None, nats_url: str | None, prefix: str,
+                        nkey: Path | None) -> Checkpoint | None:
+    """The signed checkpoint to hold the ledger against: from a file or the live stream."""
+    if path is not None:
+        return read_checkpoint(path)
+    if nats_url is None:
+        return None
+    subjects = Subjects(prefix)
+    settings = BusSettings.of(nats_url, f"{prefix}_replay",
+                              load_credentials(nkey, subjects, OBSERVER))
+
+    async def fetch() -> Checkpoint | None:
+        async with open_bus(settings) as bus:
+            return await latest_checkpoint(bus, subjects)
+
+    found = anyio.run(fetch)
+    if found is None:
+        raise LedgerError(f"no signed checkpoint in the ledger stream at {nats_url} "
+                          f"(prefix {prefix}) yet")
+    return found
+
+
+def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool,
+                   trusted_keys: tuple[str, ...] = (), checkpoint: Checkpoint | None = None,
+                   save_checkpoint: Path | None = None) -> int:
     style = stdout_style()
     ledger = open_ledger(location, create=False)
     try:
@@ -39,7 +74,8 @@ def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool
                 print(f"\r  replaying… position {position}", end="", file=sys.stderr, flush=True)
 
         started = time.perf_counter()
-        result = replay(ledger, to=to, progress=progress)
+        result = replay(ledger, to=to, progress=progress, trusted_keys=trusted_keys or None,
+                        against=[checkpoint] if checkpoint is not None else ())
         seconds = time.perf_counter() - started
         if live:
             print("\r\033[K", end="", file=sys.stderr)
@@ -53,6 +89,7 @@ def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool
         ledger=location, events=result.events, position=result.position,
         tasks=len(result.tasks), tasks_by_status=statuses, digest=result.digest,
         verified=result.verified, seconds=round(seconds, 4),
+        checkpoints=result.chain.summary(),
         first_break=None if first is None else {
             "position": first.position, "aggregate": first.aggregate, "key": first.key,
             "kind": first.kind, "problem": first.problem},
@@ -62,6 +99,11 @@ def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool
     else:
         for line in render_replay(report, style, verify=verify):
             style.out(line)
+    if save_checkpoint is not None and result.chain.last is not None and result.verified:
+        write_checkpoint(save_checkpoint, result.chain.last)
+        if not as_json:
+            print(f"saved the newest signed checkpoint to {save_checkpoint} "
+                  "(verify a later copy with --checkpoint)", file=sys.stderr)
     if verify and not result.verified:
         if not as_json:
             assert first is not None
@@ -79,6 +121,7 @@ def render_replay(report: ReplayReport, style: Style, *, verify: bool) -> list[s
     lines = [f"replay: rebuilt {report.tasks} tasks ({by_status or 'none'}) from "
              f"{report.events} events in {report.seconds:.2f} s ({rate:,.0f} events/s)",
              f"digest {report.digest}"]
+    lines.append(f"checkpoints: {report.checkpoints}")
     if verify:
         if report.verified:
             lines.append(style.green(f"chains verified ✓ ({report.events} events)"))

@@ -15,6 +15,7 @@ from agents import load_agent
 from agents.runtime import AgentSettings, run_agent
 from agents.tools import ToolHostSettings, load_tool_host, run_tool_host
 from bus.faults import CrashPoints
+from coordinator.ledger.checkpoints import read_signer
 from coordinator.policy import load_policy
 from coordinator.service import CoordinatorSettings, run_coordinator
 from ledgermesh.auth import COORDINATOR, TOOLS, load_credentials
@@ -39,12 +40,14 @@ async def run_until_signalled(service: Callable[..., Coroutine[Any, Any, None]])
 
 
 def coordinator_run(nats_url: str, ledger: str, config: Path, prefix: str,
-                    nkey: Path | None = None) -> None:
+                    nkey: Path | None = None, signing_key: Path | None = None) -> None:
     subjects = Subjects(prefix)
     settings = CoordinatorSettings(nats_url=nats_url, ledger=ledger,
                                    policy=load_policy(config), subjects=subjects,
                                    crash=CrashPoints.from_environment(),
-                                   credentials=load_credentials(nkey, subjects, COORDINATOR))
+                                   credentials=load_credentials(nkey, subjects, COORDINATOR),
+                                   signing_seed=(read_signer(signing_key).seed
+                                                 if signing_key is not None else None))
 
     async def service(task_status: TaskStatus[None]) -> None:
         await run_coordinator(settings, task_status=task_status)

@@ -150,3 +150,24 @@ def test_help_teaches_the_commands() -> None:
     assert done.returncode == 0
     for command in ("demo", "coordinator", "agent", "submit", "tail", "replay", "audit"):
         assert command in done.stdout
+
+
+def test_a_truncated_ledger_is_caught_by_a_saved_checkpoint(
+        demo: tuple[dict[str, object], Path], tmp_path: Path) -> None:
+    """The coordinator signed its head on stop; delete the tail and rebuild nothing else."""
+    _, original = demo
+    saved = tmp_path / "checkpoint.json"
+    done = run_cli("replay", "--ledger", str(original), "--verify", "--save-checkpoint",
+                   str(saved))
+    assert done.returncode == 0, done.stderr
+    assert "signed checkpoints verified" in done.stdout and saved.exists()
+    truncated = tmp_path / "truncated.db"
+    truncated.write_bytes(original.read_bytes())
+    db = sqlite3.connect(truncated)
+    last = db.execute("SELECT MAX(rowid) FROM stored_events").fetchone()[0]
+    db.execute("DELETE FROM stored_events WHERE rowid > ?", (last - 5,))
+    db.commit()
+    db.close()
+    done = run_cli("replay", "--ledger", str(truncated), "--verify", "--checkpoint", str(saved))
+    assert done.returncode == 1
+    assert f"truncated: ledger ends at {last - 5}" in done.stderr
