@@ -15,11 +15,11 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from agents.sdk import Agent, Context
-from bus.client import Bus, BusError, BusSettings, Credentials, Inbound, open_bus
+from agents.sdk import Agent, Context, Handler
+from bus.client import Bus, BusError, BusSettings, Credentials, Inbound, PendingAck, open_bus
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer
-from schemas import Codec, Envelope, MalformedMessageError, Subjects, ToolOutcome
+from schemas import Body, Codec, Envelope, MalformedMessageError, Subjects, ToolOutcome
 
 log = logging.getLogger("ledgermesh.agent")
 _outcome = msgspec.json.Decoder(ToolOutcome)
@@ -48,8 +48,9 @@ class _IntakeOutbox:
         self._gateway = subjects.tool_gateway(agent)
         self._codec = codec
 
-    async def send(self, envelope: Envelope) -> None:
-        await self._bus.publish(self._subject, self._codec.encode(envelope), msg_id=envelope.id)
+    async def send(self, envelope: Envelope) -> PendingAck:
+        return await self._bus.start_publish(self._subject, self._codec.encode(envelope),
+                                             msg_id=envelope.id)
 
     async def call_tool(self, envelope: Envelope, timeout: float) -> ToolOutcome:
         # The same envelope (same id) on every try: the gateway answers a repeat from the
@@ -132,22 +133,32 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
             body = delivery.envelope.body
             handler = agent.handler_for(body)
             try:
-                if handler is None:
-                    await ctx.fail(f"{agent.name} has no handler for {type(body).__name__}")
-                else:
-                    await handler(ctx, body)
-                counters.handled += 1
+                await _handle(agent, handler, ctx, body, counters)
+                await ctx.settle()  # every output stored by intake before the ack
             except BusError as exc:
                 # Outputs not stored: leave the delivery unacked so it comes again (same
                 # output ids, so whatever did get stored is deduplicated).
                 counters.last_error = str(exc)
                 log.warning("%s: task %s not acked: %s", agent.name, delivery.task_id, exc)
                 continue
-            except Exception as exc:  # a handler bug must become a recorded failure
-                counters.failed += 1
-                counters.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("%s: handler failed on task %s", agent.name, delivery.task_id)
-                if not ctx.finished:
-                    await ctx.fail(f"{type(exc).__name__}: {exc}", retryable=True)
             settings.crash.reached("agent.before_ack", message.data)
             await message.ack()
+
+
+async def _handle(agent: Agent, handler: Handler | None, ctx: Context, body: Body,
+                  counters: _Counters) -> None:
+    """Run the handler; an exception escaping it becomes a recorded, retryable failure."""
+    try:
+        if handler is None:
+            await ctx.fail(f"{agent.name} has no handler for {type(body).__name__}")
+        else:
+            await handler(ctx, body)
+        counters.handled += 1
+    except BusError:
+        raise
+    except Exception as exc:  # a handler bug must become a recorded failure
+        counters.failed += 1
+        counters.last_error = f"{type(exc).__name__}: {exc}"
+        log.exception("%s: handler failed on task %s", agent.name, ctx.task_id)
+        if not ctx.finished:
+            await ctx.fail(f"{type(exc).__name__}: {exc}", retryable=True)

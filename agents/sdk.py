@@ -40,11 +40,17 @@ class AgentLoadError(LedgermeshError):
     """``module:attr`` does not name an Agent."""
 
 
+class Sent(Protocol):
+    """An output on its way to intake; ``wait()`` until the stream has stored it."""
+
+    async def wait(self, timeout: float = 10.0) -> object: ...
+
+
 class Outbox(Protocol):
     """Where a Context sends what it says: the runtime publishes it to intake, and asks
     the coordinator's tool gateway for tool calls."""
 
-    async def send(self, envelope: Envelope) -> None: ...
+    async def send(self, envelope: Envelope) -> Sent: ...
 
     async def call_tool(self, envelope: Envelope, timeout: float) -> ToolOutcome: ...
 
@@ -105,6 +111,7 @@ class Context:
         self._outbox = outbox
         self._clock = clock
         self._count = 0
+        self._sent: list[Sent] = []
         self.finished = False  # completed, failed or declined: nothing more to say
 
     @property
@@ -169,7 +176,15 @@ class Context:
         if self.finished:
             raise RuntimeError(f"task {self.task_id}: {self.agent} already handed it on "
                                "or finished it; nothing more may be said")
-        await self._outbox.send(self._envelope(body))
+        # Outputs go out pipelined; the runtime settles them all before it acks the
+        # delivery, so a handler's say + handoff cost one round trip, not two.
+        self._sent.append(await self._outbox.send(self._envelope(body)))
+
+    async def settle(self) -> None:
+        """Until every output said so far is stored by the intake stream (raises if not)."""
+        sent, self._sent = self._sent, []
+        for output in sent:
+            await output.wait()
 
     def _envelope(self, body: Body) -> Envelope:
         """The next output, with the n-th deterministic id of this delivery."""

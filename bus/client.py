@@ -98,6 +98,24 @@ class PubAck:
     duplicate: bool
 
 
+@dataclass(frozen=True)
+class PendingAck:
+    """A publish whose stream ack has not been awaited yet."""
+
+    subject: str
+    _future: Awaitable[Any] = field(repr=False)
+
+    async def wait(self, timeout: float = 10.0) -> PubAck:
+        try:
+            with anyio.fail_after(timeout):  # publish_async futures have no timeout
+                ack = await self._future
+        except TimeoutError as exc:
+            raise BusError(f"publish to {self.subject}: no ack within {timeout:g} s") from exc
+        except nats.js.errors.APIError as exc:
+            raise BusError(f"publish to {self.subject} refused: {exc.description}") from exc
+        return PubAck(ack.stream, ack.seq, bool(ack.duplicate))
+
+
 @dataclass
 class Inbound:
     """A message pulled from a durable consumer; ack it once it is safely handled."""
@@ -214,6 +232,13 @@ class Bus:
                 nats.js.errors.NoStreamResponseError) as exc:
             raise BusError(f"publish to {subject}: no stream answered") from exc
         return PubAck(ack.stream, ack.seq, bool(ack.duplicate))
+
+    async def start_publish(self, subject: str, data: bytes, *, msg_id: str) -> PendingAck:
+        """Publish without waiting for the stream's ack; ``wait()`` on the result later.
+
+        Lets a sender put several messages on the wire in one round trip."""
+        future = await self._js.publish_async(subject, data, headers={MSG_ID: msg_id})
+        return PendingAck(subject, future)
 
     async def publish_all(self, items: Sequence[tuple[str, bytes, dict[str, str]]],
                           timeout: float = 10.0) -> list[PubAck]:

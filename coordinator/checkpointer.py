@@ -38,20 +38,8 @@ async def serve_checkpoints(writer: LedgerWriter, ledger: Ledger,
     except Exception as exc:  # recording catches up anyway; this only spreads the work
         log.warning("cannot read the ledger for checkpoints yet: %s", exc)
     last_at = anyio.current_time()
-    try:
-        await _serve(writer, ledger, limiter, relay, health, checkpointer, every_events,
-                     every_s, poll, last_at)
-    finally:
-        # A clean stop signs whatever is not covered yet, so a short run (a demo, a test)
-        # still ends with a signed head. The relay publishes it at the next start.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            try:
-                last = await anyio.to_thread.run_sync(ledger.last_position, limiter=limiter)
-                if checkpointer.pending(last) > 0:
-                    await anyio.to_thread.run_sync(writer.record_checkpoint, checkpointer,
-                                                   limiter=limiter)
-            except Exception as exc:  # stopping anyway: say so, don't mask the stop
-                log.warning("no final checkpoint: %s", exc)
+    await _serve(writer, ledger, limiter, relay, health, checkpointer, every_events, every_s,
+                 poll, last_at)
 
 
 async def _serve(writer: LedgerWriter, ledger: Ledger, limiter: anyio.CapacityLimiter,

@@ -40,11 +40,10 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLi
                     break
             crash.reached("coordinator.after_receive", batch[0].data)
             await _record_until_stored(batch, writer, limiter, health)
+            relay.ring()  # recorded: the relay may publish while the acks go out
             crash.reached("coordinator.after_commit", batch[0].data)
             for message in batch:
-                await message.ack()
-            await bus.flush()  # the acks are on the wire before anything else happens
-            relay.ring()
+                await message.ack()  # buffered, not awaited one by one: the next batch starts
 
 
 async def _record_until_stored(batch: list[Inbound], writer: LedgerWriter,

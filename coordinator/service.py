@@ -85,7 +85,10 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                 await bus.ensure_consumer(agent_consumer(subjects, name,
                                                          2 * agent.deadline_s))
             async with anyio.create_task_group() as tg:
-                await tg.start(serve_relay, bus, ledger, limiter, subjects, doorbell, health,
+                # The relay reads on its own thread: WAL lets it read while the writer
+                # commits, so relaying a batch never waits for the next one's fsync.
+                await tg.start(serve_relay, bus, ledger, anyio.CapacityLimiter(1), subjects,
+                               doorbell, health,
                                settings.crash)
                 await tg.start(serve_intake, bus, writer, limiter, subjects, doorbell, health,
                                settings.batch_max, settings.crash)

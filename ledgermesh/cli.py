@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="SQLite file (created if missing) or postgresql://… URL")
     coord_run.add_argument("--config", type=Path, default=Path("ledgermesh.toml"),
                            help="policy file (default ./ledgermesh.toml)")
+    coord_run.add_argument("--checkpoint-every", type=float, default=30.0, metavar="SECONDS",
+                           help="sign a checkpoint this often while events arrive (and every "
+                                "1000 events; default 30)")
     coord_run.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
                            help="nkey seed that signs checkpoints (default: LEDGER.signing.nk "
                                 "next to a SQLite ledger, made on first start)")
@@ -191,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         from ledgermesh.serve import coordinator_run
 
         coordinator_run(args.nats, args.ledger, args.config, args.prefix, args.nkey,
-                        args.signing_key)
+                        args.signing_key, args.checkpoint_every)
         return 0
     if args.command == "agent" and args.action == "run":
         from ledgermesh.serve import agent_run

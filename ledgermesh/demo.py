@@ -202,7 +202,8 @@ def _start_services(nats_server: EmbeddedNats, ledger_path: Path, logs: Path,
         return ["--nats", nats_server.url, *nkey]
 
     children = [spawn("coordinator", ["coordinator", "run", *connect(COORDINATOR),
-                                      "--ledger", str(ledger_path), "--config", str(POLICY)],
+                                      "--ledger", str(ledger_path), "--config", str(POLICY),
+                                      "--checkpoint-every", "1"],
                       logs)]
     for name in TEAM:
         if name != "researcher":

@@ -40,14 +40,16 @@ async def run_until_signalled(service: Callable[..., Coroutine[Any, Any, None]])
 
 
 def coordinator_run(nats_url: str, ledger: str, config: Path, prefix: str,
-                    nkey: Path | None = None, signing_key: Path | None = None) -> None:
+                    nkey: Path | None = None, signing_key: Path | None = None,
+                    checkpoint_every_s: float = 30.0) -> None:
     subjects = Subjects(prefix)
     settings = CoordinatorSettings(nats_url=nats_url, ledger=ledger,
                                    policy=load_policy(config), subjects=subjects,
                                    crash=CrashPoints.from_environment(),
                                    credentials=load_credentials(nkey, subjects, COORDINATOR),
                                    signing_seed=(read_signer(signing_key).seed
-                                                 if signing_key is not None else None))
+                                                 if signing_key is not None else None),
+                                   checkpoint_interval_s=checkpoint_every_s)
 
     async def service(task_status: TaskStatus[None]) -> None:
         await run_coordinator(settings, task_status=task_status)

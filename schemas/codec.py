@@ -18,6 +18,26 @@ def canonical(obj: Any) -> bytes:
     return _CANONICAL.encode(obj)
 
 
+MAX_DEPTH = 64  # JSON nesting allowed in payloads: deeper is refused, never recursed into
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` nests lists/dicts deeper than ``limit`` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            items: Any = item.values()
+        elif isinstance(item, list | tuple):
+            items = item
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in items)
+    return False
+
+
 class Codec:
     """Typed decoders and one encoder, built once per process and reused."""
 
@@ -31,12 +51,26 @@ class Codec:
 
     def decode_envelope(self, data: bytes, subject: str = "?") -> Envelope:
         try:
-            return self._envelope.decode(data)
+            envelope = self._envelope.decode(data)
+        except RecursionError:  # deeply nested JSON: refuse it like any other bad input
+            raise MalformedMessageError(subject, "nested too deeply", "Envelope") from None
+        except UnicodeDecodeError as exc:  # msgspec raises this, not DecodeError
+            raise MalformedMessageError(subject, f"invalid UTF-8: {exc.reason} at byte "
+                                                 f"{exc.start}", "Envelope") from None
         except msgspec.DecodeError as exc:
             raise MalformedMessageError(subject, str(exc), "Envelope") from exc
+        if too_deep(msgspec.structs.asdict(envelope.body)):
+            raise MalformedMessageError(subject, f"nested deeper than {MAX_DEPTH} levels",
+                                        "Envelope")
+        return envelope
 
     def decode_delivery(self, data: bytes, subject: str = "?") -> Delivery:
         try:
             return self._delivery.decode(data)
+        except RecursionError:
+            raise MalformedMessageError(subject, "nested too deeply", "Delivery") from None
+        except UnicodeDecodeError as exc:
+            raise MalformedMessageError(subject, f"invalid UTF-8: {exc.reason} at byte "
+                                                 f"{exc.start}", "Delivery") from None
         except msgspec.DecodeError as exc:
             raise MalformedMessageError(subject, str(exc), "Delivery") from exc

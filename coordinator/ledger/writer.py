@@ -151,7 +151,13 @@ class LedgerWriter:
             self._touched = touched_before
             raise
         finally:
-            self._touched.clear()
+            touched, self._touched = self._touched, set()
+        # Closed tasks leave the cache once stored (a late message reloads them), so memory
+        # follows the open tasks, not the history.
+        for key in touched:
+            task = self._tasks.get(key)
+            if task is not None and not task.is_open:
+                del self._tasks[key]
         return events, positions
 
     def _decide(self, message: IntakeMessage, now: datetime) -> list[Draft]:
@@ -290,8 +296,15 @@ class LedgerWriter:
     def _remember(self, task_id: str, state: TaskState | None) -> None:
         self._tasks[task_id] = state
         self._tasks.move_to_end(task_id)
-        while len(self._tasks) > self._cache_size:
-            self._tasks.popitem(last=False)
+        # Evict the least recently used, but never a task the batch in progress advanced:
+        # its state is not in the database yet, so a reload would forget it.
+        excess = len(self._tasks) - self._cache_size
+        for key in list(self._tasks)[: max(excess, 0) + len(self._touched)]:
+            if excess <= 0:
+                break
+            if key not in self._touched:
+                del self._tasks[key]
+                excess -= 1
 
     def _principal(self, name: str) -> PrincipalState:
         state = self._principals.get(name)

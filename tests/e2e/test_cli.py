@@ -154,20 +154,22 @@ def test_help_teaches_the_commands() -> None:
 
 def test_a_truncated_ledger_is_caught_by_a_saved_checkpoint(
         demo: tuple[dict[str, object], Path], tmp_path: Path) -> None:
-    """The coordinator signed its head on stop; delete the tail and rebuild nothing else."""
+    """The demo's coordinator signs a checkpoint every second; cut the ledger below the newest
+    one (an attacker hiding the last events) and the saved checkpoint exposes it."""
     _, original = demo
     saved = tmp_path / "checkpoint.json"
     done = run_cli("replay", "--ledger", str(original), "--verify", "--save-checkpoint",
                    str(saved))
     assert done.returncode == 0, done.stderr
     assert "signed checkpoints verified" in done.stdout and saved.exists()
+    covered = json.loads(saved.read_text())["position"]
     truncated = tmp_path / "truncated.db"
     truncated.write_bytes(original.read_bytes())
     db = sqlite3.connect(truncated)
-    last = db.execute("SELECT MAX(rowid) FROM stored_events").fetchone()[0]
-    db.execute("DELETE FROM stored_events WHERE rowid > ?", (last - 5,))
+    db.execute("DELETE FROM stored_events WHERE rowid > ?", (covered - 3,))
     db.commit()
     db.close()
     done = run_cli("replay", "--ledger", str(truncated), "--verify", "--checkpoint", str(saved))
     assert done.returncode == 1
-    assert f"truncated: ledger ends at {last - 5}" in done.stderr
+    assert f"truncated: ledger ends at {covered - 3}, signed checkpoint covers {covered}" \
+        in done.stderr
