@@ -262,6 +262,19 @@ class Bus:
         except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
             raise BusError(f"flush: {exc}") from exc
 
+    async def stored(self, stream: str, seq: int) -> tuple[str, bytes, dict[str, str]] | None:
+        """The message stored at ``seq`` in ``stream`` (subject, data, headers); None if the
+        stream no longer holds it."""
+        try:
+            msg = await self._js.get_msg(stream, seq=seq)
+        except nats.js.errors.NotFoundError:
+            return None
+        except nats.js.errors.APIError as exc:
+            raise BusError(f"cannot read {stream} #{seq}: {exc.description}") from exc
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise BusError(f"cannot read {stream} #{seq}: no answer from NATS") from exc
+        return msg.subject, msg.data or b"", dict(msg.headers or {})
+
     async def last_msg_id(self, stream: str) -> str | None:
         """The Nats-Msg-Id of the newest message in ``stream``, or None if it is empty."""
         info = await self._call(self._js.stream_info(stream), f"read stream {stream}")

@@ -11,7 +11,7 @@ import logging
 import anyio
 from anyio.abc import TaskStatus
 
-from bus.client import Bus, Inbound
+from bus.client import MSG_ID, Bus, BusError, Inbound
 from bus.faults import NO_CRASH, CrashPoints
 from bus.topology import coordinator_consumer
 from coordinator.health import Health
@@ -39,20 +39,48 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLi
                 except anyio.WouldBlock:
                     break
             crash.reached("coordinator.after_receive", batch[0].data)
-            await _record_until_stored(batch, writer, limiter, health)
+            messages = await _in_stream_order(bus, subjects, writer.position, batch)
+            await _record_until_stored(messages, writer, limiter, health)
             relay.ring()  # recorded: the relay may publish while the acks go out
             crash.reached("coordinator.after_commit", batch[0].data)
             for message in batch:
                 await message.ack()  # buffered, not awaited one by one: the next batch starts
 
 
-async def _record_until_stored(batch: list[Inbound], writer: LedgerWriter,
+async def _in_stream_order(bus: Bus, subjects: Subjects, position: int,
+                           batch: list[Inbound]) -> list[IntakeMessage]:
+    """The batch in stream order, preceded by every message between the recorded position
+    and the batch that the consumer has not (re)delivered yet.
+
+    A message delivered to a coordinator that stopped before recording it comes back only
+    after the ack wait, behind newer ones; recording those first would move the tracking
+    position past it, and its redelivery would then be skipped as already recorded. So
+    read it from the stream now; its later redelivery is the no-op.
+    """
+    have = {m.stream_seq for m in batch}
+    out = [IntakeMessage(m.stream_seq, m.subject, m.data, m.msg_id) for m in batch]
+    for seq in range(position + 1, max(have)):
+        if seq in have:
+            continue
+        while True:
+            try:
+                stored = await bus.stored(subjects.intake_stream, seq)
+                break
+            except BusError as exc:
+                log.warning("cannot read intake #%d yet: %s", seq, exc)
+                await anyio.sleep(0.5)
+        if stored is not None:
+            subject, data, headers = stored
+            out.append(IntakeMessage(seq, subject, data, headers.get(MSG_ID)))
+    return sorted(out, key=lambda m: m.seq)
+
+
+async def _record_until_stored(messages: list[IntakeMessage], writer: LedgerWriter,
                                limiter: anyio.CapacityLimiter, health: Health) -> None:
     """Record the batch, retrying with backoff while the ledger cannot be written.
 
     Nothing is acked meanwhile, so the messages wait in the intake stream.
     """
-    messages = [IntakeMessage(m.stream_seq, m.subject, m.data, m.msg_id) for m in batch]
     delay = 0.1
     while True:
         try:

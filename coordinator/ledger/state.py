@@ -132,12 +132,14 @@ class PrincipalState(msgspec.Struct, kw_only=True):
     rejections: int = 0
     throttled: int = 0  # messages dropped by the rate limit
     suspended: bool = False
+    seen: set[str] = set()  # ids of the messages rejected on this record (resends: no-ops)
     version: int = 0
     head: str = GENESIS
 
     def apply(self, event: LedgerEvent) -> None:
         if event.kind == Kind.REJECTED:
             self.rejections += 1
+            self.seen.add(event.msg_id)
         elif event.kind == Kind.THROTTLED:
             self.throttled += event.data["count"]
         elif event.kind == Kind.SUSPENDED:

@@ -72,6 +72,7 @@ class LedgerWriter:
         self._codec = Codec()
         self._cache_size = cache_size
         self._touched: set[str] = set()  # aggregates advanced by the batch in progress
+        self._timers_before: dict[str, datetime | None] = {}  # to undo a failed commit
         self._tasks: OrderedDict[str, TaskState | None] = OrderedDict()
         self._principals: dict[str, PrincipalState] = {}
         self.position = ledger.tracking_position(INTAKE)
@@ -147,11 +148,17 @@ class LedgerWriter:
             for key in self._touched - touched_before:
                 self._tasks.pop(key, None)
                 self._principals.pop(key, None)
-                self.timers.pop(key, None)
+            # Timers as they were: nothing the failed batch decided has happened.
+            for key, when in self._timers_before.items():
+                if when is None:
+                    self.timers.pop(key, None)
+                else:
+                    self.timers[key] = when
             self._touched = touched_before
             raise
         finally:
             touched, self._touched = self._touched, set()
+            self._timers_before.clear()
         # Closed tasks leave the cache once stored (a late message reloads them), so memory
         # follows the open tasks, not the history.
         for key in touched:
@@ -163,6 +170,8 @@ class LedgerWriter:
     def _decide(self, message: IntakeMessage, now: datetime) -> list[Draft]:
         principal = self._subjects.principal_of(message.subject) or UNKNOWN_PRINCIPAL
         msg_id = message.msg_id or f"seq-{message.seq}"
+        if msg_id in self._principal(principal).seen:
+            return []  # rejected before: a resend after JetStream's dedup window
         if len(message.data) > self._policy.max_payload_bytes:
             return reject_unreadable(principal, msg_id, b"",
                                      f"{len(message.data)} bytes exceeds the limit of "
@@ -171,6 +180,8 @@ class LedgerWriter:
             envelope = self._codec.decode_envelope(message.data, message.subject)
         except MalformedMessageError as exc:
             return reject_unreadable(principal, msg_id, message.data, exc.reason)
+        if envelope.id in self._principal(principal).seen:
+            return []
         task = self._task(envelope.task_id)
         return decide(principal, message.data, envelope, task, self._policy, now,
                       message.msg_id, self.suspended)
@@ -255,6 +266,7 @@ class LedgerWriter:
                       recorded_at=now.isoformat())
         state.apply(event)
         if isinstance(state, TaskState):
+            self._timers_before.setdefault(draft.key, self.timers.get(draft.key))
             when = state.next_timer()
             if when is None:
                 self.timers.pop(draft.key, None)

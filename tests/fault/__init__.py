@@ -1,0 +1,1 @@
+"""Jepsen-style fault suite: workload, fault injector, client history, checker."""
