@@ -88,7 +88,9 @@ class Agent:
             raise TypeError(f"agents receive SubmitTask, HandoffRequest or HandoffDecision, "
                             f"not {body_type.__name__}")
 
-        def register(fn: Callable[[Context, B], Awaitable[None]]) -> Callable[[Context, B], Awaitable[None]]:
+        def register(
+            fn: Callable[[Context, B], Awaitable[None]],
+        ) -> Callable[[Context, B], Awaitable[None]]:
             self.handlers[body_type] = fn
             return fn
 

@@ -273,7 +273,7 @@ class Bus:
             raise BusError(f"cannot read {stream} #{seq}: {exc.description}") from exc
         except (nats.errors.TimeoutError, TimeoutError) as exc:
             raise BusError(f"cannot read {stream} #{seq}: no answer from NATS") from exc
-        return msg.subject, msg.data or b"", dict(msg.headers or {})
+        return msg.subject or "", msg.data or b"", dict(msg.headers or {})
 
     async def last_msg_id(self, stream: str) -> str | None:
         """The Nats-Msg-Id of the newest message in ``stream``, or None if it is empty."""
@@ -551,7 +551,8 @@ async def open_bus(settings: BusSettings,
                        f"{settings.request_timeout:.0f} s") from None
     except (OSError, nats.errors.Error) as exc:
         await _abandon(nc)
-        raise BusError(f"cannot connect to NATS at {settings.url}: {exc or type(exc).__name__}") from exc
+        raise BusError(f"cannot connect to NATS at {settings.url}: "
+                       f"{exc or type(exc).__name__}") from exc
     if refused or not nc.is_connected:
         await _abandon(nc)
         how = "with nkey credentials" if seed is not None else "without credentials"

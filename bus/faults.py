@@ -2,8 +2,8 @@
 
 ``LEDGERMESH_CRASH_AT=coordinator.after_commit`` makes the process call ``os._exit`` the
 first time it reaches that point; ``agent.handler@warranty@"attempt":2`` only when
-the context text (the delivery, the batch) contains every ``@``-separated part. Read once at start-up by the CLI and
-passed down; an empty ``CrashPoints`` does nothing.
+the context text (the delivery, the batch) contains every ``@``-separated part. Read
+once at start-up by the CLI and passed down; an empty ``CrashPoints`` does nothing.
 """
 
 from __future__ import annotations

@@ -60,8 +60,10 @@ def decide(principal: str, raw: bytes, env: Envelope, task: TaskState | None,
     ``msg_id`` is the Nats-Msg-Id it arrived with: it must be the envelope id, since
     JetStream deduplicates on one and the ledger on the other.
     """
-    if task is not None and env.id in task.seen:
-        return []  # already recorded: a redelivery or a resend with the same id
+    if (task is not None and env.id in task.seen and env.sender == principal
+            and (principal in task.participants or principal == task.submitter)):
+        return []  # already recorded: a redelivery or a resend by its own sender
+    # (anyone else reusing a recorded id falls through and is rejected, with a trace)
     said = Provenance(msg_id=env.id, sender=env.sender, sent_at=env.sent_at.isoformat(),
                       causation_id=env.causation_id, trace=env.trace, raw=_b64(raw))
     if isinstance(env.body, SuspendAgent | ResumeAgent | ApproveTool):

@@ -153,7 +153,8 @@ def _problems(policy: Policy) -> list[str]:
             out.append(f"agents.{name}.max_attempts: must be at least 1")
         for tool in agent.tools:
             if tool not in policy.tools:
-                out.append(f"agents.{name}.tools: unknown tool {tool!r} (declare [tools.\"{tool}\"])")
+                out.append(f"agents.{name}.tools: unknown tool {tool!r} "
+                           f"(declare [tools.\"{tool}\"])")
         if agent.rate_per_s is not None and agent.rate_per_s <= 0:
             out.append(f"agents.{name}.rate_per_s: must be positive")
     for name in policy.submitters:

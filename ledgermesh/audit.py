@@ -120,7 +120,8 @@ def _quote(text: str, limit: int = 60) -> str:
 
 
 def render_audit(audit: Audit, style: Style, indent: str = "") -> list[str]:
-    chain = style.green("chain ✓") if audit.chain_ok else style.red(f"chain BROKEN: {audit.chain_problem}")
+    chain = (style.green("chain ✓") if audit.chain_ok
+             else style.red(f"chain BROKEN: {audit.chain_problem}"))
     lines = [f"{indent}{style.bold(audit.task_id)}  {audit.status} after {audit.attempts} "
              f"assignments across {len(audit.agents)} agents, {audit.events} events, {chain}"]
     for e in audit.timeline:

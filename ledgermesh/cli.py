@@ -244,9 +244,7 @@ def run(args: argparse.Namespace) -> int:
 
         return auth_generate_command(args.config, args.out, args.prefix, rotate=args.rotate)
     if args.command == "replay":
-        from ledgermesh.inspect import replay_command
-
-        from ledgermesh.inspect import external_checkpoint
+        from ledgermesh.inspect import external_checkpoint, replay_command
 
         checkpoint = external_checkpoint(args.checkpoint, args.checkpoint_from_nats,
                                          args.prefix, args.nkey)

@@ -311,7 +311,8 @@ def _finish(ledger_path: Path, board: Board, count: int, style: Style, say: Any,
             f"untrusted); see ledgermesh audit {denied[0]} --ledger {ledger_path}")
     say()
     say(f"  try next:  ledgermesh replay --ledger {ledger_path} --verify")
-    say(f"             ledgermesh audit {declined[0] if declined else 'TASK'} --ledger {ledger_path}")
+    featured = declined[0] if declined else "TASK"
+    say(f"             ledgermesh audit {featured} --ledger {ledger_path}")
     return DemoResult(tasks_submitted=count, tasks_completed=completed, tasks_failed=failed,
                       events=rebuilt.events, rejected=rejected, digest=rebuilt.digest,
                       verified=rebuilt.verified, ledger=str(ledger_path),

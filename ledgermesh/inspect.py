@@ -1,4 +1,5 @@
-"""Offline commands over a ledger: ``replay``, ``audit``; and ``schema export``, ``policy check``."""
+"""Offline commands: ``replay`` and ``audit`` over a ledger; ``schema export``;
+``policy check``."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-import msgspec
-
 import anyio
+import msgspec
 
 from bus.client import BusSettings, open_bus
 from coordinator.ledger.checkpoints import (

@@ -39,7 +39,8 @@ def parse_payload(text: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"--payload is not valid JSON: {exc.msg} at line {exc.lineno} "
-                         f"column {exc.colno} (example: --payload '{{\"question\": \"…\"}}')") from None
+                         f"column {exc.colno} "
+                         "(example: --payload '{\"question\": \"…\"}')") from None
     if not isinstance(value, dict):
         raise UsageError("--payload must be a JSON object, e.g. '{\"question\": \"…\"}'")
     return value
@@ -159,11 +160,13 @@ def describe(record: LedgerRecord, event: dict[str, Any]) -> str:
         "handoff.declined": lambda: f"→ {data.get('to')}  declined: {data.get('reason')}",
         "task.completed": lambda: f"completed \"{data.get('result')}\"",
         "task.failed": lambda: f"failed: {data.get('reason')}",
-        "attempt.timed_out": lambda: f"{data.get('agent')} timed out (attempt {data.get('attempt')})",
+        "attempt.timed_out": lambda: (f"{data.get('agent')} timed out "
+                                      f"(attempt {data.get('attempt')})"),
         "attempt.failed": lambda: f"attempt {data.get('attempt')} failed: {data.get('reason')}",
         "task.dead_lettered": lambda: f"dead-lettered: {data.get('reason')}",
         "tool.requested": lambda: f"{data.get('tool')} {json.dumps(data.get('args'))}",
-        "tool.denied": lambda: f"{data.get('tool')} DENIED {data.get('rule')}: {data.get('reason')}",
+        "tool.denied": lambda: (f"{data.get('tool')} DENIED {data.get('rule')}: "
+                                f"{data.get('reason')}"),
         "tool.completed": lambda: ("ok" if data.get("outcome", {}).get("ok") else "error")
                                   + (f" labels {data.get('labels')}" if data.get("labels") else ""),
         "tool.approved": lambda: f"{data.get('tool')} approved: {data.get('reason')}",

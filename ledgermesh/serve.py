@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -31,7 +31,8 @@ async def run_until_signalled(service: Callable[..., Coroutine[Any, Any, None]])
         async def stop_on_signal() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
-                    logging.getLogger("ledgermesh").info("stopping on %s", signal.Signals(signum).name)
+                    logging.getLogger("ledgermesh").info("stopping on %s",
+                                                         signal.Signals(signum).name)
                     tg.cancel_scope.cancel()
                     return
 

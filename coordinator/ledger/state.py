@@ -114,9 +114,8 @@ class TaskState(msgspec.Struct, kw_only=True):
                                                 "args": data["args"]}
         elif kind == Kind.TOOL_COMPLETED:
             self.tool_calls[data["call_id"]] = {"state": "done", "outcome": data["outcome"]}
-        elif kind == Kind.TOOL_APPROVED:
-            if data["tool"] not in self.approvals:
-                self.approvals.append(data["tool"])
+        elif kind == Kind.TOOL_APPROVED and data["tool"] not in self.approvals:
+            self.approvals.append(data["tool"])
         for label in data.get("labels", ()):
             if label not in self.labels:
                 self.labels.append(label)
