@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import anyio
-import msgspec
 import pytest
 
 from agents import Agent, Context
-from agents.runtime import AgentSettings, run_agent
-from bus.client import Bus, BusSettings, open_bus
 from bus.embedded import EmbeddedNats
 from coordinator.ledger.events import Kind
 from coordinator.ledger.replay import replay
 from coordinator.ledger.store import open_ledger
 from coordinator.policy import parse_policy
-from coordinator.service import CoordinatorSettings, run_coordinator
-from schemas import Codec, Complete, Envelope, HandoffRequest, Say, Subjects, SubmitTask
+from schemas import Complete, HandoffRequest, Say, SubmitTask
+from tests import live
+from tests.live import Events, envelope, kinds, of, recorded, say, system
 
 POLICY = parse_policy("""
 retry_backoff_s = 0.05
@@ -34,56 +27,17 @@ deadline_s = 5
 max_attempts = 3
 handoff_to = ["slow"]
 """)
-_codec = Codec()
 
 
-@asynccontextmanager
-async def system(nats: EmbeddedNats, prefix: str, ledger: str,
-                 *agents: Agent) -> AsyncIterator[Bus]:
-    subjects = Subjects(prefix)
-    async with anyio.create_task_group() as tg:
-        await tg.start(run_coordinator, CoordinatorSettings(nats.url, ledger, POLICY, subjects))
-        for agent in agents:
-            await tg.start(run_agent, agent, AgentSettings(nats.url, subjects))
-        async with open_bus(BusSettings(url=nats.url, name="client")) as bus:
-            yield bus
-        tg.cancel_scope.cancel()
+def history(ledger: str, task_id: str) -> Events:
+    return of(recorded(ledger), task_id)
 
 
-def envelope(sender: str, task_id: str, body: Any, attempt: int = 0) -> Envelope:
-    return Envelope(id=str(uuid.uuid4()), sender=sender, task_id=task_id,
-                    sent_at=datetime.now(UTC), body=body, attempt=attempt)
+async def until(ledger: str, task_id: str, done: Callable[[Events], bool]) -> Events:
+    return of(await live.until(ledger, lambda events: done(of(events, task_id))), task_id)
 
 
-async def say(bus: Bus, prefix: str, env: Envelope) -> None:
-    await bus.publish(Subjects(prefix).intake(env.sender), _codec.encode(env), msg_id=env.id)
-
-
-def history(ledger: str, task_id: str) -> list[dict[str, Any]]:
-    opened = open_ledger(ledger, create=False)
-    try:
-        states = [msgspec.json.decode(n.state) for n in opened.read(0, 10_000)]
-    finally:
-        opened.close()
-    return [s for s in states if s["key"] == task_id]
-
-
-async def until(ledger: str, task_id: str,
-                done: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
-    with anyio.fail_after(20):
-        while True:
-            if Path(ledger).exists():
-                events = history(ledger, task_id)
-                if done(events):
-                    return events
-            await anyio.sleep(0.05)
-
-
-def kinds(events: list[dict[str, Any]]) -> list[str]:
-    return [e["kind"] for e in events]
-
-
-def closed(events: list[dict[str, Any]]) -> bool:
+def closed(events: Events) -> bool:
     return any(e["kind"] in (Kind.COMPLETED, Kind.FAILED) for e in events)
 
 
@@ -94,7 +48,7 @@ def ledger(tmp_path: Path) -> str:
 
 async def test_an_unanswered_assignment_times_out_is_retried_then_dead_lettered(
         nats_server: EmbeddedNats, prefix: str, ledger: str) -> None:
-    async with system(nats_server, prefix, ledger) as bus:  # no agent runs: nobody answers
+    async with system(nats_server, prefix, ledger, POLICY) as bus:  # no agent runs: nobody answers
         await say(bus, prefix, envelope("client", "t-slow", SubmitTask(to="slow", title="x")))
         events = await until(ledger, "t-slow", closed)
     assert kinds(events) == [
@@ -127,7 +81,7 @@ async def test_a_handler_that_always_raises_is_dead_lettered_after_max_attempts(
         calls.append(ctx.delivery.attempt)
         raise RuntimeError("model returned garbage")
 
-    async with system(nats_server, prefix, ledger, flaky) as bus:
+    async with system(nats_server, prefix, ledger, POLICY, flaky) as bus:
         await say(bus, prefix, envelope("client", "t-raise", SubmitTask(to="flaky", title="x")))
         events = await until(ledger, "t-raise", closed)
     assert kinds(events) == [
@@ -150,7 +104,7 @@ async def test_a_non_retryable_failure_dead_letters_at_once(
     async def give_up(ctx: Context, task: SubmitTask) -> None:
         await ctx.fail("customer record is gone", retryable=False)
 
-    async with system(nats_server, prefix, ledger, flaky) as bus:
+    async with system(nats_server, prefix, ledger, POLICY, flaky) as bus:
         await say(bus, prefix, envelope("client", "t-gone", SubmitTask(to="flaky", title="x")))
         events = await until(ledger, "t-gone", closed)
     assert kinds(events) == [Kind.SUBMITTED, Kind.ASSIGNED, Kind.ATTEMPT_FAILED,
@@ -161,7 +115,7 @@ async def test_a_non_retryable_failure_dead_letters_at_once(
 async def test_output_from_a_stale_attempt_is_fenced_off(
         nats_server: EmbeddedNats, prefix: str, ledger: str) -> None:
     """An agent paused past its deadline wakes up: its result is rejected as stale."""
-    async with system(nats_server, prefix, ledger) as bus:
+    async with system(nats_server, prefix, ledger, POLICY) as bus:
         await say(bus, prefix, envelope("client", "t-fence", SubmitTask(to="flaky", title="x")))
         await until(ledger, "t-fence", lambda e: Kind.ASSIGNED in kinds(e))
         await say(bus, prefix, envelope("flaky", "t-fence",
@@ -182,12 +136,12 @@ async def test_output_from_a_stale_attempt_is_fenced_off(
 
 async def test_a_restarted_coordinator_still_keeps_deadlines(
         nats_server: EmbeddedNats, prefix: str, ledger: str) -> None:
-    async with system(nats_server, prefix, ledger) as bus:
+    async with system(nats_server, prefix, ledger, POLICY) as bus:
         await say(bus, prefix, envelope("client", "t-later", SubmitTask(to="flaky", title="x")))
         await until(ledger, "t-later", lambda e: Kind.ASSIGNED in kinds(e))
     # The coordinator is gone; flaky's 5 s deadline passes while nothing runs... or soon
     # after the restart: the new process must know the deadline from the ledger alone.
-    async with system(nats_server, prefix, ledger) as bus:
+    async with system(nats_server, prefix, ledger, POLICY) as bus:
         events = await until(ledger, "t-later", lambda e: Kind.TIMED_OUT in kinds(e))
     assert kinds(events)[:3] == [Kind.SUBMITTED, Kind.ASSIGNED, Kind.TIMED_OUT]
 

@@ -3,10 +3,8 @@ rate limits, the kill switch. Real NATS, real SQLite, agents and tools running."
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +13,15 @@ import msgspec
 import pytest
 
 from agents import Agent, Context, ToolDeniedError, ToolHost
-from agents.runtime import AgentSettings, run_agent
-from agents.tools import ToolHostSettings, run_tool_host
-from bus.client import MSG_ID, Bus, BusSettings, open_bus
+from bus.client import MSG_ID, Bus
 from bus.embedded import EmbeddedNats
 from coordinator.ledger.events import Kind
 from coordinator.ledger.replay import replay
 from coordinator.ledger.store import open_ledger
 from coordinator.policy import parse_policy
-from coordinator.service import CoordinatorSettings, run_coordinator
 from schemas import (
     ApproveTool,
     Codec,
-    Envelope,
     HandoffRequest,
     ResumeAgent,
     Say,
@@ -37,6 +31,8 @@ from schemas import (
     ToolCall,
     ToolOutcome,
 )
+from tests import live
+from tests.live import Events, envelope, of, recorded, say, until
 
 POLICY = parse_policy("""
 submitters = ["client"]
@@ -96,54 +92,16 @@ def naive_researcher(amount: float = 100) -> Agent:
     return agent
 
 
-@asynccontextmanager
-async def system(nats: EmbeddedNats, prefix: str, ledger: str, *agents: Agent,
-                 host: ToolHost | None = None) -> AsyncIterator[Bus]:
-    subjects = Subjects(prefix)
-    async with anyio.create_task_group() as tg:
-        await tg.start(run_coordinator, CoordinatorSettings(nats.url, ledger, POLICY, subjects))
-        if host is not None:
-            await tg.start(run_tool_host, host, ToolHostSettings(nats.url, subjects))
-        for agent in agents:
-            await tg.start(run_agent, agent, AgentSettings(nats.url, subjects))
-        async with open_bus(BusSettings(url=nats.url, name="test")) as bus:
-            yield bus
-        tg.cancel_scope.cancel()
+def system(nats: EmbeddedNats, prefix: str, ledger: str, *agents: Agent,
+           host: ToolHost | None = None) -> AbstractAsyncContextManager[Bus]:
+    return live.system(nats, prefix, ledger, POLICY, *agents, host=host)
 
 
-def envelope(sender: str, task_id: str, body: Any, attempt: int = 0) -> Envelope:
-    return Envelope(id=str(uuid.uuid4()), sender=sender, task_id=task_id,
-                    sent_at=datetime.now(UTC), body=body, attempt=attempt)
+def states(ledger: str) -> Events:
+    return recorded(ledger)
 
 
-async def say(bus: Bus, prefix: str, env: Envelope) -> None:
-    await bus.publish(Subjects(prefix).intake(env.sender), _codec.encode(env), msg_id=env.id)
-
-
-def states(ledger: str) -> list[dict[str, Any]]:
-    opened = open_ledger(ledger, create=False)
-    try:
-        return [msgspec.json.decode(n.state) for n in opened.read(0, 100_000)]
-    finally:
-        opened.close()
-
-
-async def until(ledger: str, done: Callable[[list[dict[str, Any]]], bool],
-                timeout: float = 15) -> list[dict[str, Any]]:
-    with anyio.fail_after(timeout):
-        while True:
-            if Path(ledger).exists():
-                events = states(ledger)
-                if done(events):
-                    return events
-            await anyio.sleep(0.05)
-
-
-def of(events: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    return [e for e in events if e["key"] == key]
-
-
-def completed(key: str) -> Callable[[list[dict[str, Any]]], bool]:
+def completed(key: str) -> Callable[[Events], bool]:
     return lambda events: any(e["kind"] == Kind.COMPLETED for e in of(events, key))
 
 
