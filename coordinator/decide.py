@@ -192,7 +192,9 @@ def decide_tool_call(principal: str, raw: bytes, env: Envelope, task: TaskState 
     """Authorize a tool call and say what to record; a repeated call id gets its answer."""
     assert isinstance(env.body, ToolCall)
     call = env.body
-    if task is not None and env.id in task.tool_calls:
+    if (task is not None and env.id in task.tool_calls and env.sender == principal
+            and principal in task.participants):
+        # Only the caller itself hears a recorded answer again (it may contain anything).
         known = task.tool_calls[env.id]
         if known["state"] == "done":
             return [], ToolVerdict(answer=msgspec.convert(known["outcome"], ToolOutcome))
