@@ -113,7 +113,14 @@ class TaskState(msgspec.Struct, kw_only=True):
             self.tool_calls[data["call_id"]] = {"state": "authorized", "tool": data["tool"],
                                                 "args": data["args"]}
         elif kind == Kind.TOOL_COMPLETED:
-            self.tool_calls[data["call_id"]] = {"state": "done", "outcome": data["outcome"]}
+            outcome = data["outcome"]
+            error = outcome.get("error") or {}
+            # A retryable failure (no tool host yet, a crashing tool) is not the final
+            # answer: the same call, repeated, runs again. Anything else is final.
+            retry = not outcome["ok"] and error.get("retryable", False)
+            self.tool_calls[data["call_id"]] = (
+                {**self.tool_calls.get(data["call_id"], {}), "state": "authorized"} if retry
+                else {"state": "done", "outcome": outcome})
         elif kind == Kind.TOOL_APPROVED and data["tool"] not in self.approvals:
             self.approvals.append(data["tool"])
         for label in data.get("labels", ()):

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from agents import Agent, Context, ToolDeniedError, ToolHost
+from agents.tools import ToolHostSettings, run_tool_host
 from bus.client import MSG_ID, Bus
 from bus.embedded import EmbeddedNats
 from coordinator.ledger.events import Kind
@@ -262,3 +263,31 @@ async def test_a_suspended_agent_is_cut_off_and_its_open_task_fails(
     finally:
         opened.close()
     assert rebuilt.verified and rebuilt.principals["quiet"].suspended is False
+
+
+async def test_a_retryable_tool_failure_is_not_the_final_answer(
+        nats_server: EmbeddedNats, prefix: str, ledger: str) -> None:
+    """No tool host yet: the call is recorded as unavailable; the same call repeated once
+    a host is up runs, and that answer is final."""
+    host, runs = desk()
+    subjects = Subjects(prefix)
+    call = _codec.encode(envelope("researcher", "t-late",
+                                  ToolCall(tool="kb.search", args={"query": "late"}), 2))
+    gateway = subjects.tool_gateway("researcher")
+    async with system(nats_server, prefix, ledger) as bus:
+        await start(bus, prefix, ledger, "t-late")
+        await until(ledger, lambda e: [x["kind"] for x in of(e, "t-late")].count(
+            Kind.ASSIGNED) == 2)
+        first = msgspec.json.decode(await bus.request(gateway, call, 5), type=ToolOutcome)
+        async with anyio.create_task_group() as tg:
+            await tg.start(run_tool_host, host, ToolHostSettings(nats_server.url, subjects))
+            second = msgspec.json.decode(await bus.request(gateway, call, 5), type=ToolOutcome)
+            third = msgspec.json.decode(await bus.request(gateway, call, 5), type=ToolOutcome)
+            tg.cancel_scope.cancel()
+        events = of(recorded(ledger), "t-late")
+    assert first.error is not None
+    assert (first.ok, first.error.type, first.error.retryable) == (False, "unavailable", True)
+    assert second.ok
+    assert second == third  # final now: answered from the ledger, not run again
+    assert runs == ["search:late"]
+    assert [e["kind"] for e in events].count(Kind.TOOL_COMPLETED) == 2
