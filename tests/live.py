@@ -20,12 +20,28 @@ from agents.tools import ToolHostSettings, run_tool_host
 from bus.client import Bus, BusSettings, open_bus
 from bus.embedded import EmbeddedNats
 from coordinator.ledger.store import open_ledger
-from coordinator.policy import Policy
+from coordinator.policy import Policy, parse_policy
 from coordinator.service import CoordinatorSettings, run_coordinator
 from schemas import Codec, Envelope, Subjects
 
 Events = list[dict[str, Any]]
 _codec = Codec()
+
+TEAM = """
+[agents.triage]
+handoff_to = ["researcher"]
+[agents.researcher]
+handoff_to = ["writer"]
+[agents.writer]
+handoff_to = ["reviewer"]
+[agents.reviewer]
+handoff_to = ["writer"]
+"""
+
+
+def team_policy(top: str = "", source: str = "inline test policy") -> Policy:
+    """The example team's handoff graph; ``top`` adds top-level keys before the tables."""
+    return parse_policy('submitters = ["client"]\n' + top + TEAM, source)
 
 
 @asynccontextmanager

@@ -12,10 +12,10 @@ import anyio
 import pytest
 
 import agents.examples
+from bus.client import BusSettings, open_bus
 from bus.embedded import EmbeddedNats
 from coordinator.ledger.replay import Replay, replay
 from coordinator.ledger.store import open_ledger
-from bus.client import BusSettings, open_bus
 from ledgermesh.processes import Child, spawn, stop_all, wait_ready
 from schemas import Subjects
 

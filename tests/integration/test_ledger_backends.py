@@ -31,7 +31,7 @@ from coordinator.ledger.replay import replay, verify_history
 from coordinator.ledger.state import PrincipalState, TaskState, digest
 from coordinator.ledger.store import Ledger, LedgerError, open_ledger
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter, Recorded
-from coordinator.policy import Policy, parse_policy
+from coordinator.policy import Policy
 from schemas import (
     Body,
     Codec,
@@ -44,24 +44,12 @@ from schemas import (
     Subjects,
     SubmitTask,
 )
+from tests.live import team_policy
 
 POSTGRES_ENV = "LEDGERMESH_TEST_POSTGRES"
 POSTGRES_DSN = os.environ.get(POSTGRES_ENV, "")
 
-POLICY: Policy = parse_policy(
-    """
-submitters = ["client"]
-[agents.triage]
-handoff_to = ["researcher"]
-[agents.researcher]
-handoff_to = ["writer"]
-[agents.writer]
-handoff_to = ["reviewer"]
-[agents.reviewer]
-handoff_to = ["writer"]
-""",
-    "inline test policy",
-)
+POLICY: Policy = team_policy()
 SUBJECTS = Subjects("lm")
 SENT_AT = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 RECORDED_AT = datetime(2025, 1, 2, 3, 4, 6, tzinfo=UTC)

@@ -21,7 +21,6 @@ import pytest
 from coordinator.ledger.replay import replay
 from coordinator.ledger.store import open_ledger
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter
-from coordinator.policy import parse_policy
 from schemas import (
     Body,
     Codec,
@@ -33,24 +32,12 @@ from schemas import (
     Subjects,
     SubmitTask,
 )
+from tests.live import team_policy
 
 SEEDS = ("1", "12345")
 TIMEOUT = 30.0
 SUBJECTS = Subjects("lm")
-POLICY = parse_policy(
-    """
-submitters = ["client"]
-[agents.triage]
-handoff_to = ["researcher"]
-[agents.researcher]
-handoff_to = ["writer"]
-[agents.writer]
-handoff_to = ["reviewer"]
-[agents.reviewer]
-handoff_to = ["writer"]
-""",
-    "inline test policy",
-)
+POLICY = team_policy()
 _NS = UUID("5f0c1d2e-3a4b-5c6d-8e9f-0a1b2c3d4e5f")
 SENT_AT = datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
 

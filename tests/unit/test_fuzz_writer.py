@@ -37,7 +37,6 @@ from coordinator.ledger.replay import replay
 from coordinator.ledger.state import digest
 from coordinator.ledger.store import Ledger, open_ledger
 from coordinator.ledger.writer import UNKNOWN_PRINCIPAL, IntakeMessage, LedgerWriter
-from coordinator.policy import parse_policy
 from schemas import (
     Body,
     Codec,
@@ -52,6 +51,7 @@ from schemas import (
     SubmitTask,
     canonical,
 )
+from tests.live import team_policy
 from tests.strategies import (
     TEMPLATE_POOL,
     WRONG_VALUES,
@@ -65,22 +65,7 @@ from tests.strategies import (
     with_extra_fields,
 )
 
-POLICY = parse_policy(
-    """
-submitters = ["client"]
-operators = ["operator"]
-max_payload_bytes = 8192
-[agents.triage]
-handoff_to = ["researcher"]
-[agents.researcher]
-handoff_to = ["writer"]
-[agents.writer]
-handoff_to = ["reviewer"]
-[agents.reviewer]
-handoff_to = ["writer"]
-""",
-    "fuzz test policy",
-)
+POLICY = team_policy('operators = ["operator"]\nmax_payload_bytes = 8192\n', "fuzz test policy")
 LIMIT = POLICY.max_payload_bytes
 SUBJECTS = Subjects("lm")
 RECORDED_AT = datetime(2025, 1, 2, 3, 4, 6, tzinfo=UTC)
