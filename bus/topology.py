@@ -1,4 +1,4 @@
-"""The streams and consumers of DESIGN.md §3, as plain data (no nats-py here)."""
+"""The streams and consumers (docs/protocol.md §4), as plain data (no nats-py here)."""
 
 from __future__ import annotations
 

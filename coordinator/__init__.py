@@ -1,4 +1,4 @@
 """The coordinator: the only writer of the ledger.
 
-Consumes intake, validates, authorizes, decides, records, and relays (DESIGN.md §2).
+Consumes intake, validates, authorizes, decides, records, and relays.
 """

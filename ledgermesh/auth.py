@@ -1,6 +1,6 @@
 """``ledgermesh auth``: NATS accounts, users and nkey seeds generated from ``ledgermesh.toml``.
 
-Subject permissions alone leave holes (NATS-FACTS.md): a principal that may publish only to
+Subject permissions alone leave holes: a principal that may publish only to
 its own intake subject can still name *another* intake subject (or ``lm.ledger.…``) as the
 reply subject of a JetStream request, and JetStream stores its answer there. So the layout
 is one account per principal, not one user list (``<P>`` is the upper-cased prefix):
@@ -32,7 +32,7 @@ racing an import) and ``$JS.FC.<P>_LEDGER.>`` (flow control), and receives deliv
 its ``_INBOX.<name>.>``, exported by the core as a stream to that account only. The filter
 is the reader's choice (nats-py's create subject does not carry it, so permissions cannot
 restrict it): a client can read every relayed event of every task and principal — never
-write one, nor read intake, deliveries or another stream. NATS-FACTS hole 3 (the reader
+write one, nor read intake, deliveries or another stream. The remaining hole (the reader
 picks the consumer's deliver subject, in the core account): verified against nats-server
 2.15.1, deliveries pointed at a stream subject or a ``$JS.API`` subject are not stored or
 acted upon, and at the ledger's own subjects are refused as a cycle; a subscriber in the
@@ -327,7 +327,7 @@ def render(layout: AuthLayout, keys: Mapping[str, str], source: str) -> str:
         f"# from {source} (prefix {layout.subjects.prefix!r}). Do not edit: regenerate.",
         "# Include it from the server config (`include \"auth.conf\"`); JetStream must be",
         "# enabled there (jetstream {…} or -js). Layout and its reasons: ledgermesh/auth.py",
-        "# and NATS-FACTS.md. Each principal connects with its own seed file (<name>.nk)",
+        "# and docs/protocol.md. Each principal connects with its own seed file (<name>.nk)",
         "# and inbox prefix _INBOX.<name>.",
         f"# principals: {who}",
         "",

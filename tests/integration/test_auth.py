@@ -249,7 +249,7 @@ async def test_an_agent_cannot_pull_another_agents_deliveries(world: World) -> N
 
 
 async def test_a_redirected_reply_stays_in_the_senders_account(world: World) -> None:
-    """NATS-FACTS hole 1: a reply subject naming another intake (or the ledger) must not make
+    """Reply-subject redirection: a reply subject naming another intake (or the ledger) must not make
     JetStream store its PubAck (or a delivery) there."""
     s = world.subjects
     intake_before = await stored(world, s.intake_stream)
@@ -412,7 +412,7 @@ async def test_a_task_completes_end_to_end_with_auth_on(world: World, tmp_path: 
 
 
 async def test_an_untrusted_reader_cannot_store_deliveries_into_streams(world: World) -> None:
-    """NATS-FACTS hole 3: a reader picks its consumer's deliver subject, in the core account.
+    """Deliver-subject choice by readers: a reader picks its consumer's deliver subject, in the core account.
     Pointing it at an intake subject or the JetStream API stores or does nothing there."""
     s = world.subjects
     intake_before = await stored(world, s.intake_stream)

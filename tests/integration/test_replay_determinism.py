@@ -1,4 +1,4 @@
-"""Same ledger ⇒ byte-identical state digest, in any process (DESIGN.md §5 "Determinism").
+"""Same ledger ⇒ byte-identical state digest, in any process (determinism: replay never re-decides).
 
 Python salts ``hash()`` of strings per process (PYTHONHASHSEED), so anything that lets set or
 dict-of-set iteration order reach the digest differs between processes. Replaying (and
