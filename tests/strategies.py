@@ -522,3 +522,44 @@ def _template_pool() -> tuple[Envelope, ...]:
 
 # A fixed pool of templates (every body type): one choice per draw, for long lists.
 TEMPLATE_POOL = _template_pool()
+
+
+# -- matching rejections to the bad messages that caused them ------------------------------
+import base64  # noqa: E402
+from collections import Counter  # noqa: E402
+from collections.abc import Iterable  # noqa: E402
+
+Ident = tuple[str, str]
+
+
+def rejection_identity(key: str, code: str, raw: str, msg_id: str) -> Ident:
+    """What ties a rejection to its message: the raw bytes it recorded, or for an oversize
+    message (whose bytes are not kept) its Nats-Msg-Id ("seq-N" without one)."""
+    return (key, "id:" + msg_id) if code == "oversize" else (key, "raw:" + raw)
+
+
+def match_rejections(events: list[dict[str, Any]],
+                     sent: Iterable[tuple[str, BadIntake, bytes, str]],
+                     limit: int) -> tuple[Counter[Ident], Counter[Ident]]:
+    """(expected, got): one ``message.rejected`` per bad message ``(principal key, bad
+    message, bytes published, msg id)``, each asserted to be on the publisher's record, with
+    a reason and a code that bad message allows."""
+    expected: Counter[Ident] = Counter()
+    codes: dict[Ident, set[str]] = {}
+    for key, bad, data, msg_id in sent:
+        allowed = bad.expected_codes(limit)
+        ident = rejection_identity(key, "oversize" if allowed == {"oversize"} else "",
+                                   base64.b64encode(data).decode(), msg_id)
+        expected[ident] += 1
+        codes.setdefault(ident, set()).update(allowed)
+    got: Counter[Ident] = Counter()
+    for r in (e for e in events if e["kind"] == "message.rejected"):
+        where = f"{r['data']['code']}: {r['data']['reason']} (msg {r['msg_id']})"
+        assert r["aggregate"] == "principal", where
+        assert r["data"]["reason"], where
+        assert r["data"]["subject_principal"] == r["key"], where
+        ident = rejection_identity(r["key"], r["data"]["code"], r["raw"], r["msg_id"])
+        assert ident in codes, f"a rejection no bad message explains: {where}"
+        assert r["data"]["code"] in codes[ident], (where, codes[ident])
+        got[ident] += 1
+    return expected, got

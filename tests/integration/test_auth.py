@@ -249,8 +249,8 @@ async def test_an_agent_cannot_pull_another_agents_deliveries(world: World) -> N
 
 
 async def test_a_redirected_reply_stays_in_the_senders_account(world: World) -> None:
-    """Reply-subject redirection: a reply subject naming another intake (or the ledger) must not make
-    JetStream store its PubAck (or a delivery) there."""
+    """Reply-subject redirection: a reply subject naming another intake (or the ledger)
+    must not make JetStream store its PubAck (or a delivery) there."""
     s = world.subjects
     intake_before = await stored(world, s.intake_stream)
     ledger_before = await stored(world, s.ledger_stream)
@@ -412,8 +412,9 @@ async def test_a_task_completes_end_to_end_with_auth_on(world: World, tmp_path: 
 
 
 async def test_an_untrusted_reader_cannot_store_deliveries_into_streams(world: World) -> None:
-    """Deliver-subject choice by readers: a reader picks its consumer's deliver subject, in the core account.
-    Pointing it at an intake subject or the JetStream API stores or does nothing there."""
+    """Deliver-subject choice by readers: a reader picks its consumer's deliver subject, in
+    the core account. Pointing it at an intake subject or the JetStream API stores or does
+    nothing there."""
     s = world.subjects
     intake_before = await stored(world, s.intake_stream)
     async with raw(world, COORDINATOR) as nc:

@@ -10,12 +10,10 @@ intake stream's ``max_msg_size`` never reach it: the broker refuses the publish.
 
 from __future__ import annotations
 
-import base64
 import logging
 import sys
 import tempfile
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -49,7 +47,7 @@ from schemas import (
     Subjects,
     SubmitTask,
 )
-from tests.strategies import TEMPLATE_POOL, BadIntake, as_json_dict, bad_intake
+from tests.strategies import TEMPLATE_POOL, BadIntake, as_json_dict, bad_intake, match_rejections
 
 POLICY = parse_policy(
     """
@@ -319,35 +317,12 @@ async def test_a_flood_of_bad_messages_is_rejected_and_the_coordinator_keeps_ser
             await nc.close()
 
 
-def identity(key: str, code: str, raw: str, msg_id: str) -> tuple[str, str]:
-    """What ties a rejection to its message: the raw bytes it recorded, or for an oversize
-    message (whose bytes are not kept) its Nats-Msg-Id ("seq-N" without one)."""
-    return (key, "id:" + msg_id) if code == "oversize" else (key, "raw:" + raw)
-
-
 def check_rejections(subjects: Subjects, events: list[dict[str, Any]],
                      sent: list[tuple[BadIntake, int]]) -> None:
     """One ``message.rejected`` per bad message in the stream, with an acceptable code and
-    a reason, on the publishing principal's record. A rejection names its message by the
-    raw bytes it recorded or, for an oversize message (bytes not kept), by its msg id."""
-    expected: Counter[tuple[str, str]] = Counter()
-    codes: dict[tuple[str, str], set[str]] = {}
-    for bad, seq in sent:
-        key = principal_key(subjects, bad.tail)
-        allowed = bad.expected_codes(LIMIT)
-        ident = identity(key, "oversize" if allowed == {"oversize"} else "",
-                         base64.b64encode(bad.data).decode(), bad.msg_id or f"seq-{seq}")
-        expected[ident] += 1
-        codes.setdefault(ident, set()).update(allowed)
-    got: Counter[tuple[str, str]] = Counter()
-    for r in (e for e in events if e["kind"] == Kind.REJECTED):
-        where = f"{r['data']['code']}: {r['data']['reason']} (msg {r['msg_id']})"
-        assert r["aggregate"] == Aggregate.PRINCIPAL, where
-        assert r["data"]["reason"], where
-        assert r["data"]["subject_principal"] == r["key"], where
-        ident = identity(r["key"], r["data"]["code"], r["raw"], r["msg_id"])
-        assert ident in codes, f"a rejection no bad message explains: {where}"
-        assert r["data"]["code"] in codes[ident], (where, codes[ident])
-        got[ident] += 1
+    a reason, on the publishing principal's record."""
+    expected, got = match_rejections(
+        events, ((principal_key(subjects, bad.tail), bad, bad.data, bad.msg_id or f"seq-{seq}")
+                 for bad, seq in sent), LIMIT)
     assert sum(got.values()) == len(sent), "rejections == bad messages in the stream"
     assert got == expected

@@ -15,11 +15,9 @@ Invariants, for every generated batch sequence:
 
 from __future__ import annotations
 
-import base64
 import sys
 import tempfile
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +58,7 @@ from tests.strategies import (
     bad_intake,
     envelopes,
     json_values,
+    match_rejections,
     timestamps,
     tokens,
     with_extra_fields,
@@ -314,34 +313,11 @@ def principal_key(subject: str) -> str:
     return SUBJECTS.principal_of(subject) or UNKNOWN_PRINCIPAL
 
 
-def identity(key: str, code: str, raw: str, msg_id: str) -> tuple[str, str]:
-    """What ties a rejection to its message: the raw bytes it recorded, or for an oversize
-    message (whose bytes are not kept) its Nats-Msg-Id ("seq-N" without one)."""
-    return (key, "id:" + msg_id) if code == "oversize" else (key, "raw:" + raw)
-
-
 def check_rejections(events: list[dict[str, Any]], bad: Sequence[tuple[IntakeMessage,
                      BadIntake]]) -> None:
-    expected: Counter[tuple[str, str]] = Counter()
-    codes: dict[tuple[str, str], set[str]] = {}
-    for sent, message in bad:
-        key = principal_key(sent.subject)
-        allowed = message.expected_codes(LIMIT)
-        ident = identity(key, "oversize" if allowed == {"oversize"} else "",
-                         base64.b64encode(sent.data).decode(), sent.msg_id or f"seq-{sent.seq}")
-        expected[ident] += 1
-        codes.setdefault(ident, set()).update(allowed)
-    rejected = [e for e in events if e["kind"] == Kind.REJECTED]
-    got: Counter[tuple[str, str]] = Counter()
-    for r in rejected:
-        where = f"{r['data']['code']}: {r['data']['reason']} (msg {r['msg_id']})"
-        assert r["aggregate"] == Aggregate.PRINCIPAL, where
-        assert r["data"]["reason"], where
-        assert r["data"]["subject_principal"] == r["key"], where
-        ident = identity(r["key"], r["data"]["code"], r["raw"], r["msg_id"])
-        assert ident in codes, f"a rejection no bad message explains: {where}"
-        assert r["data"]["code"] in codes[ident], (where, codes[ident])
-        got[ident] += 1
+    expected, got = match_rejections(
+        events, ((principal_key(sent.subject), message, sent.data, sent.msg_id or f"seq-{sent.seq}")
+                 for sent, message in bad), LIMIT)
     assert got == expected, "every bad message is rejected exactly once"
 
 
