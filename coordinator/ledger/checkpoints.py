@@ -340,16 +340,17 @@ class GlobalChain:
                 + (f"; matches {self.anchored} external checkpoint(s)" if self.anchored else ""))
 
     def link(self, position: int, event_hash: str) -> list[str]:
-        problems = []
+        problems: list[str] = []
         while self._anchors and self._anchors[0].position < position:
             missing = self._anchors.pop(0)
             problems.append(f"position {missing.position}, covered by a signed checkpoint, "
                             "is missing: events were deleted")
-        self.head = global_link(self.head, event_hash)
+        self.head = head = global_link(self.head, event_hash)
         self.position = position
-        self._recent[position] = self.head
-        if len(self._recent) > _KEEP_HEADS:
-            self._recent.popitem(last=False)
+        recent = self._recent
+        recent[position] = head
+        if len(recent) > _KEEP_HEADS:
+            recent.popitem(last=False)
         while self._anchors and self._anchors[0].position == position:
             anchor = self._anchors.pop(0)
             problem = self._compare(anchor, self.head, "external signed checkpoint")

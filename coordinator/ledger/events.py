@@ -9,8 +9,9 @@ editing any stored byte — the raw envelope included — breaks the chain.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 from uuid import UUID, uuid5
 
@@ -120,48 +121,91 @@ class LedgerEvent:
 
 
 TOPIC = f"{LedgerEvent.__module__}:{LedgerEvent.__qualname__}"
+_STATE_FIELDS = frozenset(f.name for f in fields(LedgerEvent)) - {"originator_id",
+                                                                   "originator_version"}
+
+
+def event_from_state(originator_id: UUID, version: int, state: dict[str, Any]) -> LedgerEvent:
+    """The event a stored state holds, as eventsourcing's mapper builds it (the state goes
+    into the instance's ``__dict__``): replay does this for every event, and the frozen
+    dataclass ``__init__`` costs more than the rest of its fold. TypeError if the state does
+    not have exactly the event's fields, or its chain fields are not text."""
+    if state.keys() != _STATE_FIELDS:
+        raise TypeError(f"stored fields differ from an event's: "
+                        f"{sorted(state.keys() ^ _STATE_FIELDS)}")
+    if type(state["hash"]) is not str or type(state["prev_hash"]) is not str:
+        raise TypeError("hash and prev_hash must be strings")
+    event: LedgerEvent = object.__new__(LedgerEvent)
+    vars(event).update(state, originator_id=originator_id, originator_version=version)
+    return event
 
 
 def chain_hash(
     prev_hash: str, aggregate_id: UUID | str, version: int, topic: str, state: dict[str, Any]
 ) -> str:
-    """The hash of one stored event; ``state`` is every stored field except ``hash``."""
+    """The hash of one stored event; ``state`` is every stored field except ``hash``.
+
+    The definition; ``hash_state`` computes the same from ``canonical(state)``."""
     body = canonical(
         {"aggregate_id": str(aggregate_id), "version": version, "topic": topic, "state": state}
     )
     return hashlib.sha256(bytes.fromhex(prev_hash) + body).hexdigest()
 
 
+_TOPIC_JSON = canonical(TOPIC)
+
+
+def hash_state(prev_hash: str, aggregate_id: str, version: int, state: bytes) -> str:
+    """``chain_hash`` of a LedgerEvent from the canonical bytes of its state without the
+    hash: the canonical body spelled out (keys in sorted order), so the state is encoded
+    once, not re-encoded inside an enclosing object."""
+    body = b'{"aggregate_id":"%s","state":%s,"topic":%s,"version":%d}' % (
+        aggregate_id.encode(), state, _TOPIC_JSON, version)
+    return hashlib.sha256(bytes.fromhex(prev_hash) + body).hexdigest()
+
+
+def unhashed(stored: bytes, event_hash: str) -> bytes | None:
+    """The stored state's bytes without its ``hash`` field: what the hash was taken over.
+
+    In canonical order the hash sits between ``data`` and ``key``; cutting it out of the
+    stored bytes saves a decode and re-encode, and commits to the exact stored bytes. None
+    if the field is not where canonical JSON puts it (the caller re-encodes instead)."""
+    field_bytes = b'"hash":"%s",' % event_hash.encode()
+    cut = stored.replace(field_bytes, b"", 1)
+    return cut if len(cut) != len(stored) else None
+
+
+@lru_cache(maxsize=1 << 16)
+def aggregate_id_of(aggregate: Aggregate, key: str) -> tuple[UUID, str]:
+    """The aggregate id of a key, and its text (uuid5 is slow enough to be worth caching:
+    every event of a task needs it)."""
+    uuid = (task_aggregate_id(key) if aggregate is Aggregate.TASK
+            else checkpoint_aggregate_id(key) if aggregate is Aggregate.CHECKPOINT
+            else principal_aggregate_id(key))
+    return uuid, str(uuid)
+
+
 def stamp(draft: Draft, *, version: int, prev_hash: str, recorded_at: str) -> LedgerEvent:
     """Place a draft in its sequence and seal it into the chain."""
-    aggregate_id = (
-        task_aggregate_id(draft.key)
-        if draft.aggregate is Aggregate.TASK
-        else checkpoint_aggregate_id(draft.key)
-        if draft.aggregate is Aggregate.CHECKPOINT
-        else principal_aggregate_id(draft.key)
-    )
+    aggregate_id, aggregate_text = aggregate_id_of(draft.aggregate, draft.key)
     p = draft.provenance
-    unsealed = LedgerEvent(
-        originator_id=aggregate_id,
-        originator_version=version,
-        aggregate=draft.aggregate.value,
-        key=draft.key,
-        kind=draft.kind.value,
-        data=draft.data,
-        msg_id=p.msg_id,
-        sender=p.sender,
-        sent_at=p.sent_at,
-        recorded_at=recorded_at,
-        causation_id=p.causation_id,
-        trace=p.trace,
-        raw=p.raw,
-        prev_hash=prev_hash,
-    )
-    state = stored_state(unsealed)
-    del state["hash"]
-    digest = chain_hash(prev_hash, aggregate_id, version, TOPIC, state)
-    return LedgerEvent(**{**vars(unsealed), "hash": digest})
+    state: dict[str, Any] = {  # exactly what stored_state() gives, minus the hash
+        "aggregate": draft.aggregate.value,
+        "key": draft.key,
+        "kind": draft.kind.value,
+        "data": draft.data,
+        "msg_id": p.msg_id,
+        "sender": p.sender,
+        "sent_at": p.sent_at,
+        "recorded_at": recorded_at,
+        "causation_id": p.causation_id,
+        "trace": p.trace,
+        "raw": p.raw,
+        "prev_hash": prev_hash,
+    }
+    digest = hash_state(prev_hash, aggregate_text, version, canonical(state))
+    return LedgerEvent(originator_id=aggregate_id, originator_version=version, hash=digest,
+                       **state)
 
 
 def stored_state(event: LedgerEvent) -> dict[str, Any]:

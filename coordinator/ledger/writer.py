@@ -30,9 +30,8 @@ from coordinator.ledger.events import (
     Draft,
     Kind,
     LedgerEvent,
-    principal_aggregate_id,
+    aggregate_id_of,
     stamp,
-    task_aggregate_id,
 )
 from coordinator.ledger.state import PrincipalState, TaskState
 from coordinator.ledger.store import Ledger
@@ -296,7 +295,7 @@ class LedgerWriter:
         if task_id in self._tasks:
             self._tasks.move_to_end(task_id)
             return self._tasks[task_id]
-        history = self._ledger.history(task_aggregate_id(task_id))
+        history = self._ledger.history(aggregate_id_of(Aggregate.TASK, task_id)[0])
         state = None
         if history:
             state = TaskState(task_id=task_id)
@@ -311,7 +310,9 @@ class LedgerWriter:
         # Evict the least recently used, but never a task the batch in progress advanced:
         # its state is not in the database yet, so a reload would forget it.
         excess = len(self._tasks) - self._cache_size
-        for key in list(self._tasks)[: max(excess, 0) + len(self._touched)]:
+        if excess <= 0:
+            return
+        for key in list(self._tasks)[: excess + len(self._touched)]:
             if excess <= 0:
                 break
             if key not in self._touched:
@@ -322,7 +323,7 @@ class LedgerWriter:
         state = self._principals.get(name)
         if state is None:
             state = PrincipalState(name=name)
-            for event in self._ledger.history(principal_aggregate_id(name)):
+            for event in self._ledger.history(aggregate_id_of(Aggregate.PRINCIPAL, name)[0]):
                 state.apply(event)
             self._principals[name] = state
         return state
