@@ -140,7 +140,7 @@ async def run(seconds: float, workdir: Path, py_spy: Path | None = None) -> None
                 async with driver.observing():
                     await driver.closed_loop("warm", 64, tasks=500, max_seconds=30)
                     profiler = None if py_spy is None else _start(
-                        ["py-spy", "record", "--rate", "100", "--duration", str(int(seconds)),
+                        ["py-spy", "record", "--gil", "--rate", "200", "--duration", str(int(seconds)),
                          "--format", "raw" if py_spy.suffix != ".svg" else "flamegraph",
                          "--output", str(py_spy), "--pid", str(coordinator.pid)],
                         logs / "py-spy.log")
