@@ -3,7 +3,9 @@
 After each commit, publish every new ledger event to ``<prefix>.ledger.…`` (in ledger
 order, guarded by ``Nats-Expected-Last-Msg-Id``) and every assignment to its agent's
 deliver subject. No cursor of its own: it resumes after the last message in the ledger
-stream, so a crash anywhere means republish (deduplicated), never loss.
+stream, so a crash anywhere means republish (deduplicated), never loss. What the writer
+just committed comes through the CommitFeed, without a read back from the database, when
+the feed can vouch for it; otherwise from the log.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID, Bus, BusError
 from bus.faults import NO_CRASH, CrashPoints
 from coordinator.health import Health
 from coordinator.ledger.events import Kind
+from coordinator.ledger.feed import CommitFeed
 from coordinator.ledger.store import Ledger
 from coordinator.signals import Doorbell
 from schemas import LedgerRecord, Subjects, canonical
@@ -60,16 +63,24 @@ def outbox_items(notifications: Sequence[Notification], subjects: Subjects,
 
 async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
                       subjects: Subjects, doorbell: Doorbell, health: Health,
-                      crash: CrashPoints = NO_CRASH, *, page: int = 512,
+                      crash: CrashPoints = NO_CRASH, *, feed: CommitFeed | None = None,
+                      page: int = 512,
                       task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     position = subjects.ledger_position(await bus.last_msg_id(subjects.ledger_stream))
     health.relayed_position = position
     task_status.started()
+    read_log = True  # at start, and whenever the feed cannot vouch for what follows
     while True:
-        notifications = await anyio.to_thread.run_sync(ledger.read, position, page,
-                                                       limiter=limiter)
+        notifications: Sequence[Notification] | None = (
+            None if read_log or feed is None else feed.after(position, page))
+        if notifications is None:
+            notifications = await anyio.to_thread.run_sync(ledger.read, position, page,
+                                                           limiter=limiter)
+            read_log = len(notifications) == page  # a full page: more may be waiting
         if not notifications:
-            await doorbell.wait(timeout=1.0)
+            # Quiet for a second: look at the log itself (a commit whose outcome the writer
+            # could not tell is in the log, but not in the feed).
+            read_log = not await doorbell.wait(timeout=1.0)
             continue
         crash.reached("coordinator.before_relay", notifications[-1].state)
         try:

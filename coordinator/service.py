@@ -20,6 +20,7 @@ from coordinator.gateway import serve_gateway
 from coordinator.health import Health
 from coordinator.intake import serve_intake
 from coordinator.ledger.checkpoints import Checkpointer, load_signer
+from coordinator.ledger.feed import CommitFeed
 from coordinator.ledger.store import open_ledger
 from coordinator.ledger.writer import LedgerWriter
 from coordinator.policy import Policy
@@ -58,8 +59,10 @@ async def run_coordinator(settings: CoordinatorSettings, *,
         lambda: open_ledger(settings.ledger, create=True))
     health = Health()
     try:
+        feed = CommitFeed(ledger.mapper)
         writer = await anyio.to_thread.run_sync(
-            lambda: LedgerWriter(ledger, settings.policy, subjects, settings.clock))
+            lambda: LedgerWriter(ledger, settings.policy, subjects, settings.clock,
+                                 on_commit=feed.add))
         signer = await anyio.to_thread.run_sync(
             lambda: load_signer(settings.signing_seed, settings.ledger))
         limiter = anyio.CapacityLimiter(1)  # one writer thread per ledger
@@ -85,11 +88,10 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                 await bus.ensure_consumer(agent_consumer(subjects, name,
                                                          2 * agent.deadline_s))
             async with anyio.create_task_group() as tg:
-                # The relay reads on its own thread: WAL lets it read while the writer
-                # commits, so relaying a batch never waits for the next one's fsync.
-                await tg.start(serve_relay, bus, ledger, anyio.CapacityLimiter(1), subjects,
-                               doorbell, health,
-                               settings.crash)
+                # The relay takes what was just committed from the feed; when it reads the
+                # log, it does on its own thread (WAL lets it read while the writer commits).
+                await tg.start(partial(serve_relay, bus, ledger, anyio.CapacityLimiter(1),
+                                       subjects, doorbell, health, settings.crash, feed=feed))
                 await tg.start(serve_intake, bus, writer, limiter, subjects, doorbell, health,
                                settings.batch_max, settings.crash)
                 await tg.start(serve_timer, writer, limiter, doorbell, health)

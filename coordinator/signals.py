@@ -14,7 +14,10 @@ class Doorbell:
     def ring(self) -> None:
         self._event.set()
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, timeout: float) -> bool:
+        """Until rung (True) or ``timeout`` seconds pass without a ring (False)."""
         with anyio.move_on_after(timeout):
             await self._event.wait()
+        rung = self._event.is_set()
         self._event = anyio.Event()
+        return rung

@@ -169,7 +169,9 @@ def _fold(result: Replay, heads: dict[UUID | str, tuple[int, str, str]], n: Noti
     head = heads.get(n.originator_id)
     version, previous, aggregate_id = (0, GENESIS, str(n.originator_id)) if head is None else head
     problem = (f"unexpected topic {n.topic}" if n.topic != TOPIC
-               else link_problem(event, version, previous, n.state, aggregate_id))
+               else link_problem(event, version, previous,
+                                 # (a hand-edited row can come back as text, not bytes)
+                                 n.state if type(n.state) is bytes else None, aggregate_id))
     if problem is not None:
         result.breaks.append(Break(n.id, event.aggregate, event.key, event.kind, problem))
     heads[n.originator_id] = (n.originator_version,

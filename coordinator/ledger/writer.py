@@ -63,8 +63,11 @@ class LedgerWriter:
     """Decides and records intake batches, keeping recent aggregate states in memory."""
 
     def __init__(self, ledger: Ledger, policy: Policy, subjects: Subjects,
-                 clock: Callable[[], datetime], cache_size: int = 10_000) -> None:
+                 clock: Callable[[], datetime], cache_size: int = 10_000,
+                 on_commit: Callable[[list[int], list[LedgerEvent]], None] | None = None,
+                 ) -> None:
         self._ledger = ledger
+        self._on_commit = on_commit  # told what each commit stored (the relay's feed)
         self._policy = policy
         self._subjects = subjects
         self._clock = clock
@@ -158,6 +161,8 @@ class LedgerWriter:
         finally:
             touched, self._touched = self._touched, set()
             self._timers_before.clear()
+        if self._on_commit is not None:
+            self._on_commit(positions, events)
         # Closed tasks leave the cache once stored (a late message reloads them), so memory
         # follows the open tasks, not the history.
         for key in touched:

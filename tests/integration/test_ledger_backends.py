@@ -14,11 +14,12 @@ import uuid
 from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import psycopg
 import pytest
+from eventsourcing.persistence import Notification, StoredEvent
 
 from coordinator.ledger.events import (
     Aggregate,
@@ -27,6 +28,7 @@ from coordinator.ledger.events import (
     principal_aggregate_id,
     task_aggregate_id,
 )
+from coordinator.ledger.feed import CommitFeed
 from coordinator.ledger.replay import replay, verify_history
 from coordinator.ledger.state import PrincipalState, TaskState, digest
 from coordinator.ledger.store import Ledger, LedgerError, open_ledger
@@ -128,6 +130,16 @@ def record_scenario(ledger: Ledger) -> list[Recorded]:
     writer = LedgerWriter(ledger, POLICY, SUBJECTS, fixed_clock)
     messages = scenario()
     return [writer.record(messages[:6]), writer.record(messages[6:])]
+
+
+def _tail(notifications: list[Notification], n: int) -> list[tuple[int, Notification]]:
+    return [(x.id, x) for x in notifications[-n:]]
+
+
+def _events(ledger: Ledger, tail: list[tuple[int, Notification]]) -> list[LedgerEvent]:
+    return [cast(LedgerEvent, ledger.mapper.to_domain_event(StoredEvent(
+        originator_id=n.originator_id, originator_version=n.originator_version,
+        topic=n.topic, state=n.state))) for _, n in tail]
 
 
 def positions_of(ledger: Ledger) -> list[tuple[int, dict[str, object]]]:
@@ -248,6 +260,36 @@ class LedgerContract:
         assert (partial.events, partial.position) == (upto, upto)
         assert partial.digest == fold(recorded[0].events)
         assert partial.tasks["t1"].status == "assigned"
+
+    def test_the_commit_feed_hands_the_relay_exactly_what_the_log_holds(
+        self, location: str, ledgers: list[Ledger]
+    ) -> None:
+        ledger = open_ledger(location, create=True)
+        ledgers.append(ledger)
+        feed = CommitFeed(ledger.mapper)
+        writer = LedgerWriter(ledger, POLICY, SUBJECTS, fixed_clock, on_commit=feed.add)
+        messages = scenario()
+        writer.record(messages[:6])
+        writer.record(messages[6:])
+        from_log = list(ledger.read(0, 10_000))
+        assert feed.after(0, 10_000) == from_log  # same positions, ids, topics, bytes
+        assert feed.after(len(from_log), 10) == []  # drained: nothing new is known
+
+        # Entries the relay already took from the log are skipped; a gap is not vouched for.
+        feed.add([p for p, _ in _tail(from_log, 3)], _events(ledger, _tail(from_log, 3)))
+        assert feed.after(len(from_log) - 1, 10) == from_log[-1:]
+        feed.add([p for p, _ in _tail(from_log, 3)], _events(ledger, _tail(from_log, 3)))
+        assert feed.after(len(from_log) - 5, 10) is None
+        # The relay then reads the log up to its end; what the feed still holds is older.
+        assert feed.after(len(from_log), 10) == []
+        # A bounded feed that overflowed has lost its oldest entries: a gap, again.
+        small = CommitFeed(ledger.mapper, maxlen=2)
+        small.add([p for p, _ in _tail(from_log, 3)], _events(ledger, _tail(from_log, 3)))
+        assert small.after(len(from_log) - 3, 10) is None
+        # A limit leaves the rest for the next call.
+        feed.add([p for p, _ in _tail(from_log, 3)], _events(ledger, _tail(from_log, 3)))
+        assert feed.after(len(from_log) - 3, 2) == from_log[-3:-1]
+        assert feed.after(len(from_log) - 1, 2) == from_log[-1:]
 
     def test_restarted_writer_skips_what_tracking_already_holds(
         self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
