@@ -1,0 +1,62 @@
+"""Pipelined JetStream publishes (``Bus.publish_all`` / ``start_publish``) on a real server:
+acks in order, duplicates reported, refusals and missing streams raised as BusError."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID, BusError, BusSettings, open_bus
+from bus.embedded import EmbeddedNats
+from bus.topology import StreamSpec
+
+
+def _stream(prefix: str) -> tuple[StreamSpec, str]:
+    name = f"PUB_{prefix.upper()}"
+    return StreamSpec(name=name, subjects=(f"{prefix}.pub.>",), retention="limits"), name
+
+
+async def test_publish_all_acks_in_order_and_reports_duplicates(
+        nats_server: EmbeddedNats, prefix: str) -> None:
+    spec, name = _stream(prefix)
+    async with open_bus(BusSettings(url=nats_server.url, name="pub-test")) as bus:
+        await bus.ensure_streams([spec])
+        items = [(f"{prefix}.pub.{i % 3}", f"m{i}".encode(), {MSG_ID: f"id-{i}"})
+                 for i in range(300)]
+        acks = await bus.publish_all(items)
+        assert [a.seq for a in acks] == list(range(1, 301))
+        assert {a.stream for a in acks} == {name}
+        assert not any(a.duplicate for a in acks)
+        again = await bus.publish_all(items[:5])
+        assert [(a.seq, a.duplicate) for a in again] == [(s, True) for s in range(1, 6)]
+        stored = await bus.stored(name, 300)
+        assert stored is not None
+        assert stored[1] == b"m299"
+
+
+async def test_a_refused_publish_raises_and_stores_nothing(
+        nats_server: EmbeddedNats, prefix: str) -> None:
+    spec, name = _stream(prefix)
+    async with open_bus(BusSettings(url=nats_server.url, name="pub-test")) as bus:
+        await bus.ensure_streams([spec])
+        await bus.publish_all([(f"{prefix}.pub.a", b"first", {MSG_ID: "first"})])
+        wrong = {MSG_ID: "second", EXPECTED_LAST_MSG_ID: "not-the-last"}
+        with pytest.raises(BusError, match=f"publish to {prefix}.pub.a refused: .*last"):
+            await bus.publish_all([(f"{prefix}.pub.a", b"second", wrong)])
+        assert await bus.last_msg_id(name) == "first"
+        # The right expectation goes through.
+        right = {MSG_ID: "second", EXPECTED_LAST_MSG_ID: "first"}
+        (ack,) = await bus.publish_all([(f"{prefix}.pub.a", b"second", right)])
+        assert ack.seq == 2
+
+
+async def test_a_publish_no_stream_takes_fails_instead_of_hanging(
+        nats_server: EmbeddedNats, prefix: str) -> None:
+    async with open_bus(BusSettings(url=nats_server.url, name="pub-test")) as bus:
+        pending = await bus.start_publish(f"{prefix}.nowhere", b"lost",
+                                          msg_id=str(uuid.uuid4()))
+        with pytest.raises(BusError, match="no stream answered"):
+            await pending.wait(timeout=5)
+        with pytest.raises(BusError, match="no stream answered"):
+            await bus.publish_all([(f"{prefix}.nowhere", b"lost", {MSG_ID: "x"})], timeout=5)
