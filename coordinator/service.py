@@ -20,6 +20,7 @@ from coordinator.gateway import serve_gateway
 from coordinator.health import Health
 from coordinator.intake import serve_intake
 from coordinator.ledger.checkpoints import Checkpointer, load_signer
+from coordinator.ledger.events import LedgerEvent
 from coordinator.ledger.feed import CommitFeed
 from coordinator.ledger.store import open_ledger
 from coordinator.ledger.writer import LedgerWriter
@@ -59,12 +60,20 @@ async def run_coordinator(settings: CoordinatorSettings, *,
         lambda: open_ledger(settings.ledger, create=True))
     health = Health()
     try:
-        feed = CommitFeed(ledger.mapper)
-        writer = await anyio.to_thread.run_sync(
-            lambda: LedgerWriter(ledger, settings.policy, subjects, settings.clock,
-                                 on_commit=feed.add))
         signer = await anyio.to_thread.run_sync(
             lambda: load_signer(settings.signing_seed, settings.ledger))
+        checkpointer = Checkpointer(signer, subjects.prefix)
+        feed = CommitFeed(ledger.mapper)
+
+        def on_commit(positions: list[int], events: list[LedgerEvent]) -> None:
+            # What was just stored goes to the relay and the global chain in memory,
+            # instead of both reading it back from the database.
+            feed.add(positions, events)
+            checkpointer.follow(positions, events)
+
+        writer = await anyio.to_thread.run_sync(
+            lambda: LedgerWriter(ledger, settings.policy, subjects, settings.clock,
+                                 on_commit=on_commit))
         limiter = anyio.CapacityLimiter(1)  # one writer thread per ledger
         doorbell = Doorbell()
 
@@ -96,7 +105,7 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                                settings.batch_max, settings.crash)
                 await tg.start(serve_timer, writer, limiter, doorbell, health)
                 await tg.start(partial(serve_checkpoints, writer, ledger, limiter, doorbell,
-                                       health, Checkpointer(signer, subjects.prefix),
+                                       health, checkpointer,
                                        every_events=settings.checkpoint_every,
                                        every_s=settings.checkpoint_interval_s))
                 await tg.start(serve_gateway, bus, writer, limiter, subjects, settings.policy,

@@ -34,7 +34,7 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -410,9 +410,9 @@ class GlobalChain:
 class Checkpointer:
     """Keeps the running global head of the log and seals checkpoint events.
 
-    All of its state is derived from reading the log (never from what it sealed), so a
-    checkpoint whose commit failed leaves nothing to undo, and events another writer
-    appended are folded in before the next checkpoint.
+    All of its state is derived from the log, read back or followed from commits that were
+    stored (never from what it sealed), so a checkpoint whose commit failed leaves nothing
+    to undo, and events another writer appended are folded in before the next checkpoint.
     """
 
     def __init__(self, signer: Signer, ledger_name: str) -> None:
@@ -435,6 +435,19 @@ class Checkpointer:
                 self._version, self._prev_hash = n.originator_version, link.hash
                 self.covered = n.id
         return len(notifications) == page
+
+    def follow(self, positions: Sequence[int], events: Sequence[LedgerEvent]) -> None:
+        """Fold a commit the writer just made, as far as it continues what is folded (so
+        ``catch_up`` need not read it back); anything else is left to ``catch_up``. Call it
+        only after the commit, on the writer's thread."""
+        for at, event in zip(positions, events, strict=True):
+            if at != self.position + 1:
+                return
+            self.head = global_link(self.head, event.hash)
+            self.position = at
+            if event.aggregate == Aggregate.CHECKPOINT:
+                self._version, self._prev_hash = event.originator_version, event.hash
+                self.covered = at
 
     def pending(self, last_position: int) -> int:
         """How many positions up to ``last_position`` no checkpoint covers yet."""

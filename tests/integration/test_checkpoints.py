@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid5
 
 import anyio
 import msgspec
 import pytest
+from eventsourcing.persistence import StoredEvent
 
 from bus.client import Bus, BusSettings, open_bus
 from bus.embedded import EmbeddedNats
@@ -38,7 +39,7 @@ from coordinator.ledger.checkpoints import (
     signing_key_path,
     write_checkpoint,
 )
-from coordinator.ledger.events import GENESIS, Kind, chain_hash
+from coordinator.ledger.events import GENESIS, Kind, LedgerEvent, chain_hash
 from coordinator.ledger.replay import Break, replay, verify_against
 from coordinator.ledger.store import open_ledger
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter
@@ -407,3 +408,39 @@ def test_catching_up_in_any_page_size_gives_the_same_head(tmp_path: Path, page: 
         assert replay(ledger).chain.head == checkpointer.head
     finally:
         ledger.close()
+
+
+def test_following_commits_keeps_the_head_reading_the_log_gives(tmp_path: Path) -> None:
+    signer = Signer.generate()
+    db = str(tmp_path / "ledger.db")
+    subjects = Subjects("lm")
+    ledger = open_ledger(db, create=True)
+    try:
+        checkpointer = Checkpointer(signer, subjects.prefix)
+        writer = LedgerWriter(ledger, POLICY, subjects, fixed_clock,
+                              on_commit=checkpointer.follow)
+        seq = 1
+        for r in range(3):
+            batch = intake(range(r * 3, (r + 1) * 3), subjects, seq)
+            seq += len(batch)
+            recorded = writer.record(batch)
+            # Kept up with the commit without reading it back.
+            assert checkpointer.position == ledger.last_position() == recorded.positions[-1]
+            (sealed,) = writer.record_checkpoint(checkpointer).positions
+            assert checkpointer.covered == checkpointer.position == sealed
+        reader = Checkpointer(signer, subjects.prefix)
+        while reader.catch_up(ledger):
+            pass
+        assert (reader.head, reader.position, reader.covered) == (
+            checkpointer.head, checkpointer.position, checkpointer.covered)
+        assert replay(ledger).chain.checkpoints == 3
+        # A commit that does not continue what was folded is left for catch_up to read.
+        lagging = Checkpointer(signer, subjects.prefix)
+        tail = ledger.read(ledger.last_position() - 2, 10)
+        lagging.follow([n.id for n in tail], [cast(LedgerEvent, ledger.mapper.to_domain_event(
+            StoredEvent(originator_id=n.originator_id, originator_version=n.originator_version,
+                        topic=n.topic, state=n.state))) for n in tail])
+        assert (lagging.position, lagging.head) == (0, GENESIS)
+    finally:
+        ledger.close()
+    assert verify(db) == []
