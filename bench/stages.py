@@ -4,13 +4,16 @@ Runs the same stack as the benchmark (embedded NATS, five chain agents as proces
 a coordinator process whose pipeline stages are timed by wrappers installed before it
 starts — the code that runs is the production ``ledgermesh coordinator run``:
 
-* intake: ``LedgerWriter.record`` (decide + seal + ``Ledger.append``), the per-message
-  ``Inbound.ack`` calls and the ``Bus.flush`` that follows each batch;
-* relay: ``Ledger.read`` and ``Bus.publish_all`` (publish + wait for every ack);
+* intake: ``LedgerWriter.record`` (decide + seal + ``Ledger.append``) and the per-message
+  ``Inbound.ack`` calls;
+* relay: ``Ledger.read`` (only when the commit feed cannot vouch for what follows) and
+  ``Bus.publish_all`` (publish + wait for every ack);
 * ``Ledger.history`` (aggregate reloads from the database).
 
 Prints, for a window at 64 tasks in flight, each stage's share of wall time, calls per
 second and mean duration, and the intake batch sizes. The wrappers cost a few µs per call.
+With ``--py-spy``, the coordinator is also sampled, only while it holds the GIL: where the
+interpreter computes, not where it waits.
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ async def run(seconds: float, workdir: Path, py_spy: Path | None = None) -> None
                 async with driver.observing():
                     await driver.closed_loop("warm", 64, tasks=500, max_seconds=30)
                     profiler = None if py_spy is None else _start(
-                        ["py-spy", "record", "--gil", "--rate", "200", "--duration", str(int(seconds)),
+                        ["py-spy", "record", "--gil", "--rate", "200",
+                         "--duration", str(int(seconds)),
                          "--format", "raw" if py_spy.suffix != ".svg" else "flamegraph",
                          "--output", str(py_spy), "--pid", str(coordinator.pid)],
                         logs / "py-spy.log")
@@ -187,8 +191,8 @@ def summarize(trace: Path, t0: float, t1: float, handoffs_per_s: float, rss: dic
               f"messages/batch; between the end of one record and the start of the next: "
               f"mean {sum(gaps) / len(gaps) * 1000:.2f} ms")
     if py_spy is not None and py_spy.suffix != ".svg" and py_spy.exists():
-        print(f"py-spy ({py_spy}), busiest frames of the coordinator (inclusive, active "
-              "samples only):")
+        print(f"py-spy ({py_spy}), busiest frames of the coordinator (inclusive, samples "
+              "holding the GIL):")
         for line in top_frames(py_spy):
             print(f"  {line}")
 
