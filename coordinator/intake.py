@@ -10,6 +10,7 @@ import logging
 
 import anyio
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from bus.client import MSG_ID, Bus, BusError, Inbound
 from bus.faults import NO_CRASH, CrashPoints
@@ -25,6 +26,7 @@ log = logging.getLogger("ledgermesh.coordinator.intake")
 async def serve_intake(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLimiter,
                        subjects: Subjects, relay: Doorbell, health: Health,
                        batch_max: int = 256, crash: CrashPoints = NO_CRASH, *,
+                       linger: float = 0.0005,
                        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=batch_max * 2)
     async with anyio.create_task_group() as tg, receive:
@@ -32,12 +34,14 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLi
         task_status.started()
         while True:
             batch = [await receive.receive()]
-            # Group commit: take whatever else is already waiting, up to batch_max.
-            while len(batch) < batch_max:
-                try:
-                    batch.append(receive.receive_nowait())
-                except anyio.WouldBlock:
-                    break
+            _take_waiting(receive, batch, batch_max)
+            if len(batch) == 1 and linger > 0:
+                # A lone message often has company on the way (an agent's say is followed
+                # by its handoff, stored a moment later): a short wait for it saves a
+                # whole commit. Never more than once per batch, so load is not held up.
+                with anyio.move_on_after(linger):
+                    batch.append(await receive.receive())
+                _take_waiting(receive, batch, batch_max)
             crash.reached("coordinator.after_receive", batch[0].data)
             messages = await _in_stream_order(bus, subjects, writer.position, batch)
             await _record_until_stored(messages, writer, limiter, health)
@@ -45,6 +49,16 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLi
             crash.reached("coordinator.after_commit", batch[0].data)
             for message in batch:
                 await message.ack()  # buffered, not awaited one by one: the next batch starts
+
+
+def _take_waiting(receive: MemoryObjectReceiveStream[Inbound], batch: list[Inbound],
+                  batch_max: int) -> None:
+    """Group commit: add whatever else is already waiting, up to ``batch_max``."""
+    while len(batch) < batch_max:
+        try:
+            batch.append(receive.receive_nowait())
+        except anyio.WouldBlock:
+            return
 
 
 async def _in_stream_order(bus: Bus, subjects: Subjects, position: int,
