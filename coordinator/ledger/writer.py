@@ -33,6 +33,7 @@ from coordinator.ledger.events import (
     aggregate_id_of,
     stamp,
 )
+from coordinator.ledger.known import MaybeKnown
 from coordinator.ledger.state import PrincipalState, TaskState
 from coordinator.ledger.store import Ledger
 from coordinator.policy import Policy
@@ -78,8 +79,9 @@ class LedgerWriter:
         self._tasks: OrderedDict[str, TaskState | None] = OrderedDict()
         self._principals: dict[str, PrincipalState] = {}
         self.position = ledger.tracking_position(INTAKE)
+        self._known = MaybeKnown()  # task ids the ledger may hold (filled by the scan below)
         # task id -> when the coordinator must next decide for it (deadline or retry).
-        self.timers, suspended = open_schedule(ledger)
+        self.timers, suspended = open_schedule(ledger, self._known)
         self.suspended = frozenset(suspended)
         self._buckets: dict[str, tuple[float, datetime]] = {}  # principal -> tokens, at
         self._dropped: dict[str, tuple[int, datetime]] = {}  # principal -> count, since
@@ -262,7 +264,10 @@ class LedgerWriter:
         state: TaskState | PrincipalState
         if draft.aggregate is Aggregate.TASK:
             task = self._task(draft.key)
-            state = task if task is not None else TaskState(task_id=draft.key)
+            if task is None:
+                task = TaskState(task_id=draft.key)
+                self._known.add(draft.key)
+            state = task
             self._remember(draft.key, state)
         else:
             state = self._principal(draft.key)
@@ -300,6 +305,8 @@ class LedgerWriter:
         if task_id in self._tasks:
             self._tasks.move_to_end(task_id)
             return self._tasks[task_id]
+        if not self._known.may_hold(task_id):
+            return None  # certainly not in the ledger: no need to read it
         history = self._ledger.history(aggregate_id_of(Aggregate.TASK, task_id)[0])
         state = None
         if history:
@@ -334,9 +341,10 @@ class LedgerWriter:
         return state
 
 
-def open_schedule(ledger: Ledger, page: int = 2000) -> tuple[dict[str, datetime], set[str]]:
+def open_schedule(ledger: Ledger, known: MaybeKnown,
+                  page: int = 2000) -> tuple[dict[str, datetime], set[str]]:
     """Deadlines and retry times of every open task, and the suspended agents, from one
-    pass over the log.
+    pass over the log; every task id in it is added to ``known``.
 
     Only the last timer-relevant event of each task matters, so this keeps one entry per
     open task, not their states.
@@ -349,6 +357,8 @@ def open_schedule(ledger: Ledger, page: int = 2000) -> tuple[dict[str, datetime]
         for n in notifications:
             state = decoder.decode(n.state)
             kind, data, key = state["kind"], state["data"], state["key"]
+            if n.originator_version == 1 and state["aggregate"] == Aggregate.TASK:
+                known.add(key)
             if kind == Kind.ASSIGNED:
                 timers[key] = datetime.fromisoformat(data["deadline"])
             elif kind in (Kind.TIMED_OUT, Kind.ATTEMPT_FAILED) and data["retry_at"]:

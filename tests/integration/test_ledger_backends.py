@@ -319,6 +319,13 @@ class LedgerContract:
         dup2 = later.record([IntakeMessage(seq + 1, resent.subject, resent.data, "third-id")])
         assert dup2.events == []
         assert replay(fresh).digest == fold([e for r in recorded for e in r.events])
+        # A new submission reusing a recorded task id: the cold writer must know the task
+        # exists (from its start-up scan), not take it for a new one.
+        reuse = _env(99, "client", "t1", SubmitTask(to="triage", title="again"))
+        taken = later.record([IntakeMessage(seq + 2, SUBJECTS.intake("client"),
+                                            _codec.encode(reuse), reuse.id)])
+        assert [(e.kind, e.data["code"]) for e in taken.events] == [
+            (Kind.REJECTED, "task_exists")]
 
     # -- tamper detection -------------------------------------------------------------
     @pytest.mark.parametrize(
