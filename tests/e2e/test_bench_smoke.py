@@ -12,6 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import transit
+from bus.embedded import EmbeddedNats
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SYSTEM_FIGURES = (
@@ -52,3 +55,11 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert all(p["status"] == "skipped" for p in result["peers"].values())
     assert result["meta"]["machine"]["cpus"] >= 1
     assert result["workload"]["hops"] == 5
+
+
+async def test_transit_measures_core_and_jetstream(nats_server: EmbeddedNats) -> None:
+    figures = await transit.measure(nats_server.url, samples=20)
+    assert sorted(figures) == [
+        "core_p50_ms_pause_0ms", "core_p50_ms_pause_2ms",
+        "jetstream_p50_ms_pause_0ms", "jetstream_p50_ms_pause_2ms"]
+    assert all(value > 0 for value in figures.values())
