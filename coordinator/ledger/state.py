@@ -7,12 +7,30 @@ back from the database. Both must arrive at byte-identical state (see ``digest``
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
-from coordinator.ledger.events import GENESIS, Kind, LedgerEvent
+from coordinator.ledger.events import GENESIS, Kind
 from schemas import canonical
+
+
+class Recorded(Protocol):
+    """What folding reads of a recorded event: a ``LedgerEvent``, or replay's lighter
+    reading of one stored."""
+
+    @property
+    def originator_version(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def data(self) -> dict[str, Any]: ...
+    @property
+    def msg_id(self) -> str: ...
+    @property
+    def sender(self) -> str: ...
+    @property
+    def hash(self) -> str: ...
 
 
 class Offer(msgspec.Struct, kw_only=True):
@@ -63,7 +81,7 @@ class TaskState(msgspec.Struct, kw_only=True):
             return self.retry_at
         return None
 
-    def apply(self, event: LedgerEvent) -> None:
+    def apply(self, event: Recorded) -> None:
         """Fold one event into the state. Must stay deterministic."""
         data = event.data
         kind = event.kind
@@ -142,7 +160,7 @@ class PrincipalState(msgspec.Struct, kw_only=True):
     version: int = 0
     head: str = GENESIS
 
-    def apply(self, event: LedgerEvent) -> None:
+    def apply(self, event: Recorded) -> None:
         if event.kind == Kind.REJECTED:
             self.rejections += 1
             self.seen.add(event.msg_id)

@@ -155,11 +155,16 @@ def build(db: str, signer: Signer, rounds: int = 3, per_round: int = 3) -> list[
 
 
 def verify(db: str, **kwargs: Any) -> list[Break]:
+    """The breaks replay finds, checking in this process and in a helper process alike."""
     ledger = open_ledger(db, create=False)
     try:
-        return replay(ledger, **kwargs).breaks
+        inline = replay(ledger, helper=False, **kwargs)
+        helped = replay(ledger, helper=True, **kwargs)
     finally:
         ledger.close()
+    assert helped.breaks == inline.breaks
+    assert (helped.digest, helped.chain.summary()) == (inline.digest, inline.chain.summary())
+    return inline.breaks
 
 
 def test_checkpoints_cover_the_log_chain_up_and_leave_the_digest_alone(tmp_path: Path) -> None:

@@ -365,7 +365,8 @@ class LedgerContract:
         assert state.count(old) == 1, state
         self.overwrite_state(location, position, state.replace(old, new))
 
-        result = replay(self.reopen(location, ledgers))
+        result = replay(self.reopen(location, ledgers), helper=False)
+        assert replay(self.reopen(location, ledgers), helper=True).breaks == result.breaks
         assert not result.verified
         assert len(result.breaks) == 1, result.breaks  # later links still follow the stored hash
         found = result.breaks[0]
@@ -387,7 +388,8 @@ class LedgerContract:
         self.delete_event(location, gone)
 
         reopened = self.reopen(location, ledgers)
-        result = replay(reopened)
+        result = replay(reopened, helper=False)
+        assert replay(reopened, helper=True).breaks == result.breaks
         assert not result.verified
         first = result.breaks[0]
         assert (first.position, first.aggregate, first.key, first.kind) == (
@@ -402,6 +404,51 @@ class LedgerContract:
         assert "missing" in problem
         # The other tasks are untouched.
         assert all(b.key == "t1" for b in result.breaks)
+
+    @pytest.mark.parametrize(
+        ("change", "why"),
+        [
+            pytest.param(lambda s: s[:-9], "truncated", id="cut-short"),
+            pytest.param(lambda s: s.replace(b'"trace":', b'"tracer":'), "unknown field",
+                         id="renamed-field"),
+            pytest.param(lambda s: s.replace(b'"hash":"', b'"hash":7,"h":"'), "str",
+                         id="hash-not-text"),
+        ],
+    )
+    def test_an_unreadable_stored_event_is_a_break_and_the_replay_goes_on(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger],
+        change: Any, why: str
+    ) -> None:
+        ledger = self.reopen(location, ledgers)
+        position = position_where(ledger, "t2", Kind.FAILED)
+        self.overwrite_state(location, position, change(self.stored_state(location, position)))
+
+        reopened = self.reopen(location, ledgers)
+        result = replay(reopened, helper=False)
+        assert replay(reopened, helper=True).breaks == result.breaks
+        assert result.events == reopened.last_position()  # read to the end
+        first = result.breaks[0]
+        assert (first.position, first.aggregate) == (position, "?")
+        assert first.problem.startswith("stored event is unreadable") and why in first.problem
+        assert result.tasks["t2"].status != "failed"  # the unreadable event is not folded
+        assert result.tasks["t1"].status == "completed"
+
+    def test_an_added_field_named_like_a_notification_field_is_still_hash_checked(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        # Replay sets an event's version from its notification; a stored state that
+        # carries one of its own must not slip past the hash check.
+        ledger = self.reopen(location, ledgers)
+        position = position_where(ledger, "t1", Kind.SAID)
+        state = self.stored_state(location, position)
+        edited = state.replace(b'"prev_hash":', b'"originator_version":99,"prev_hash":', 1)
+        self.overwrite_state(location, position, edited.replace(b"research", b"elsewhere", 1))
+
+        reopened = self.reopen(location, ledgers)
+        result = replay(reopened, helper=False)
+        assert replay(reopened, helper=True).breaks == result.breaks
+        assert [(b.position, b.kind) for b in result.breaks] == [(position, Kind.SAID)]
+        assert "recomputed" in result.breaks[0].problem
 
     # -- configuration ---------------------------------------------------------------
     def test_the_process_environment_does_not_reconfigure_the_ledger(
@@ -449,6 +496,18 @@ class TestSqliteLedger(LedgerContract):
     @pytest.fixture
     def missing_location(self, tmp_path: Path) -> str:
         return str(tmp_path / "nowhere" / "ledger.db")
+
+    def test_a_check_that_reads_another_log_is_an_error_not_a_pass(self) -> None:
+        # An in-memory ledger exists only in this process: the helper would open an empty
+        # one of its own and find nothing wrong.
+        ledger = open_ledger(":memory:", create=True)
+        try:
+            LedgerWriter(ledger, POLICY, SUBJECTS, fixed_clock).record(scenario())
+            assert replay(ledger, helper=False).verified
+            with pytest.raises(LedgerError, match="check read 0 events"):
+                replay(ledger, helper=True)
+        finally:
+            ledger.close()
 
     def _connect(self, location: str) -> sqlite3.Connection:
         return sqlite3.connect(location, isolation_level=None)
