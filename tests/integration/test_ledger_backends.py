@@ -429,7 +429,8 @@ class LedgerContract:
         assert result.events == reopened.last_position()  # read to the end
         first = result.breaks[0]
         assert (first.position, first.aggregate) == (position, "?")
-        assert first.problem.startswith("stored event is unreadable") and why in first.problem
+        assert first.problem.startswith("stored event is unreadable")
+        assert why in first.problem
         assert result.tasks["t2"].status != "failed"  # the unreadable event is not folded
         assert result.tasks["t1"].status == "completed"
 
