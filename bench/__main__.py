@@ -443,6 +443,9 @@ class Bench:
         best_peer = max(measured, key=lambda n: measured[n]) if measured else None
         durable = {n: v for n, v in measured.items() if peers.PEERS[n].get("durable")}
         best_durable = max(durable, key=lambda n: durable[n]) if durable else None
+        distributed = {n: v for n, v in measured.items() if peers.PEERS[n].get("distributed")}
+        best_distributed = (max(distributed, key=lambda n: distributed[n]) if distributed
+                            else None)
         backends: dict[str, Any] = {}
         for backend, runs in system.items():
             row: dict[str, Any] = {key: stat([r[key] for r in runs]) for key in (
@@ -462,6 +465,10 @@ class Bench:
                                                           / measured[best_durable]
                                                           for r in runs])
                 row["best_durable_peer"] = best_durable
+            if best_distributed is not None:
+                row["ratio_vs_best_distributed_peer"] = stat(
+                    [r["handoffs_per_s"] / measured[best_distributed] for r in runs])
+                row["best_distributed_peer"] = best_distributed
             rep = replays.get(backend)
             if rep is not None:
                 row["replay_events_per_s"] = stat([r["events_per_s"] for r in rep["verify"]])
@@ -504,7 +511,9 @@ class Bench:
             "ratio_vs_limit pairs each run with the limit baseline measured in the same "
             "run; ratio_vs_best_peer uses the best peer's median (peers run in one process "
             "and most keep nothing: see each peer's durability); ratio_vs_best_durable_peer "
-            "compares with the best peer that persists every step",
+            "compares with the best peer that persists every step, "
+            "ratio_vs_best_distributed_peer with the best whose agents are separate "
+            "processes",
             *self.notes,
         ]
         if not p.long_events:

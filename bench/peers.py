@@ -6,9 +6,8 @@ in a separate virtualenv and never touch ledgermesh's. A peer whose package does
 import is skipped with the ``pip install`` line that would enable it.
 
 What each chain does per hop: record one message (the framework's own way) and hand the
-task to the next hop; hop 5 completes it. They run **in one process** (none of them has a
-comparable multi-process deployment without extra infrastructure), so they pay no network
-hop at all; what they persist differs and is stated in ``durability``:
+task to the next hop; hop 5 completes it. All but one run **in one process**, so they pay
+no network hop at all; what they persist differs and is stated in ``durability``:
 
 * ``autogen-core`` — ``SingleThreadedAgentRuntime``, five ``RoutedAgent``s, each handoff a
   ``publish_message`` to the next agent's topic; messages kept in memory (not durable).
@@ -16,6 +15,11 @@ hop at all; what they persist differs and is stated in ``durability``:
   compiled with ``SqliteSaver`` (a checkpoint written to SQLite after every step, WAL).
 * ``agent-framework`` — Microsoft Agent Framework ``WorkflowBuilder`` with five
   ``Executor``s joined by edges, each ``ctx.send_message`` to the next; in memory.
+* ``autogen-grpc`` — autogen-core's distributed runtime (``autogen-ext[grpc]``): a
+  ``GrpcWorkerAgentRuntimeHost`` process routes every message between five worker
+  processes, one ``RoutedAgent`` hop each, and the driver's own worker runtime, which
+  submits tasks and hears the last hop. Agents in separate processes, as ledgermesh's
+  are; nothing is kept.
 
 Latency per hop is the task's end-to-end time / 5 (1 in flight); throughput runs 64
 tasks at once for a fixed time.
@@ -34,6 +38,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,10 @@ PEERS: dict[str, dict[str, Any]] = {
                   "durable": True},
     "agent-framework": {"module": "agent_framework", "install": "pip install agent-framework-core",
                         "durability": "in memory, one process"},
+    "autogen-grpc": {"module": "autogen_ext.runtimes.grpc",
+                     "install": "pip install 'autogen-ext[grpc]'",
+                     "durability": "in memory; gRPC host + 5 hop processes + driver",
+                     "distributed": True},
 }
 
 
@@ -144,6 +153,117 @@ async def _autogen(latency_tasks: int, seconds: float) -> dict[str, Any]:
         return await _drive_async(run_task, latency_tasks, seconds)
     finally:
         await runtime.stop()
+
+
+@dataclass
+class Work:
+    """The gRPC chain's one message type (its name is its wire name in every process)."""
+
+    task: str
+    text: str
+
+
+def _grpc_hop_class(said: list[str], finished: dict[str, asyncio.Future[None]]) -> Any:
+    from autogen_core import MessageContext, RoutedAgent, TopicId, message_handler
+
+    class Hop(RoutedAgent):
+        """Hop ``index`` (1..5) of the chain; index 0 is the driver's sink."""
+
+        def __init__(self, index: int) -> None:
+            super().__init__(f"hop{index}")
+            self.index = index
+
+        @message_handler
+        async def on_work(self, message: Work, ctx: MessageContext) -> None:
+            if self.index == 0:
+                finished.pop(message.task).set_result(None)
+                return
+            said.append(f"hop{self.index} working on {message.task}")  # "say"
+            if len(said) > 10_000:
+                said.clear()
+            after = "sink" if self.index == HOPS else f"hop{self.index + 1}"
+            await self.publish_message(Work(message.task, "next hop"), TopicId(after, "default"))
+
+    return Hop
+
+
+async def _grpc_worker(address: str, index: int,
+                       finished: dict[str, asyncio.Future[None]]) -> Any:
+    """A worker runtime hosting hop ``index`` (0: the driver's sink), started."""
+    from autogen_core import TypeSubscription, try_get_known_serializers_for_type
+    from autogen_ext.runtimes.grpc import GrpcWorkerAgentRuntime
+
+    runtime = GrpcWorkerAgentRuntime(host_address=address)
+    runtime.add_message_serializer(try_get_known_serializers_for_type(Work))
+    await runtime.start()
+    hop = _grpc_hop_class([], finished)
+    name = "sink" if index == 0 else f"hop{index}"
+    await hop.register(runtime, name, lambda: hop(index))
+    await runtime.add_subscription(TypeSubscription(name, name))
+    return runtime
+
+
+async def _grpc_serve(role: str, address: str) -> None:
+    """A child process of the gRPC peer: the host, or one hop; says "ready", then serves
+    until its stdin closes (the driver is done or gone)."""
+    if role == "host":
+        from autogen_ext.runtimes.grpc import GrpcWorkerAgentRuntimeHost
+        host = GrpcWorkerAgentRuntimeHost(address=address)
+        host.start()
+        await asyncio.sleep(0.5)  # the server binds in the background
+        stop: Callable[[], Awaitable[None]] = host.stop
+    else:
+        runtime = await _grpc_worker(address, int(role), {})
+        stop = runtime.stop
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await stop()
+
+
+async def _autogen_grpc(latency_tasks: int, seconds: float) -> dict[str, Any]:
+    import socket
+
+    from autogen_core import TopicId
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    children: list[subprocess.Popen[str]] = []
+
+    def spawn(role: str) -> None:
+        child = subprocess.Popen([sys.executable, "-m", "bench.peers", "--grpc-serve", role,
+                                  address], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+        children.append(child)
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"gRPC {role} did not start (exit {child.wait()})")
+
+    finished: dict[str, asyncio.Future[None]] = {}
+    runtime = None
+    try:
+        spawn("host")
+        for i in range(1, HOPS + 1):
+            spawn(str(i))
+        runtime = await _grpc_worker(address, 0, finished)
+
+        async def run_task(task: str) -> None:
+            future = asyncio.get_running_loop().create_future()
+            finished[task] = future
+            await runtime.publish_message(Work(task, "start"), TopicId("hop1", "default"))
+            await future
+
+        return await _drive_async(run_task, latency_tasks, seconds)
+    finally:
+        if runtime is not None:
+            await runtime.stop()
+        for child in reversed(children):
+            assert child.stdin is not None
+            child.stdin.close()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 async def _agent_framework(latency_tasks: int, seconds: float) -> dict[str, Any]:
@@ -254,6 +374,8 @@ def run_peer(name: str, latency_tasks: int, seconds: float, workdir: Path) -> di
         return asyncio.run(_autogen(latency_tasks, seconds))
     if name == "agent-framework":
         return asyncio.run(_agent_framework(latency_tasks, seconds))
+    if name == "autogen-grpc":
+        return asyncio.run(_autogen_grpc(latency_tasks, seconds))
     if name == "langgraph":
         return _langgraph(latency_tasks, seconds, workdir)
     raise SystemExit(f"unknown peer {name!r}")
@@ -290,7 +412,7 @@ def measure(python: str, name: str, latency_tasks: int, seconds: float,
 
 def version(python: str, name: str) -> str:
     dist = {"autogen-core": "autogen-core", "langgraph": "langgraph",
-            "agent-framework": "agent-framework-core"}[name]
+            "agent-framework": "agent-framework-core", "autogen-grpc": "autogen-ext"}[name]
     probe = subprocess.run([python, "-c", "import importlib.metadata as m, sys; "
                             f"print(m.version({dist!r}))"], capture_output=True, text=True,
                            timeout=60, check=False)
@@ -298,6 +420,9 @@ def version(python: str, name: str) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--grpc-serve":
+        asyncio.run(_grpc_serve(sys.argv[2], sys.argv[3]))
+        raise SystemExit(0)
     peer, lat, thr, where = sys.argv[1:5]
     with tempfile.TemporaryDirectory(dir=where) as scratch:
         figures = run_peer(peer, int(lat), float(thr), Path(scratch))

@@ -59,6 +59,7 @@ ROWS = [
     ("ratio vs limit (a)", "ratio_vs_limit"),
     ("ratio vs best peer", "ratio_vs_best_peer"),
     ("ratio vs best durable peer", "ratio_vs_best_durable_peer"),
+    ("ratio vs best distributed peer", "ratio_vs_best_distributed_peer"),
     ("coordinator peak RSS MB", "coordinator_peak_rss_mb"),
     ("replay --verify events/s", "replay_events_per_s"),
     ("raw log read+decode events/s (c)", "raw_read_decode_events_per_s"),
