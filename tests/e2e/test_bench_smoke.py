@@ -51,7 +51,8 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert positive(result["baselines"]["jetstream"]["one_at_a_time_per_s"])
     assert positive(result["baselines"]["raw_read_decode"]["events_per_s"])
 
-    assert set(result["peers"]) == {"autogen-core", "langgraph", "agent-framework"}
+    assert set(result["peers"]) == {"autogen-core", "autogen-grpc", "langgraph",
+                                    "agent-framework"}
     assert all(p["status"] == "skipped" for p in result["peers"].values())
     assert result["meta"]["machine"]["cpus"] >= 1
     assert result["workload"]["hops"] == 5
