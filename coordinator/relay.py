@@ -25,11 +25,31 @@ from coordinator.ledger.events import Kind
 from coordinator.ledger.feed import CommitFeed
 from coordinator.ledger.store import Ledger
 from coordinator.signals import Doorbell
-from schemas import LedgerRecord, Subjects, canonical
+from schemas import LedgerRecord, Subjects
 
 log = logging.getLogger("ledgermesh.coordinator.relay")
 
-_state = msgspec.json.Decoder()
+class _Routing(msgspec.Struct):
+    """What the relay needs of a stored event's state (the rest is skipped, not decoded)."""
+
+    aggregate: str
+    key: str
+    kind: str
+    data: msgspec.Raw
+
+
+class _Assignment(msgspec.Struct):
+    agent: str
+    delivery: msgspec.Raw  # canonical JSON already: stored states are
+
+
+class _Delivery(msgspec.Struct):
+    id: str
+
+
+_routing = msgspec.json.Decoder(_Routing)
+_assignment = msgspec.json.Decoder(_Assignment)
+_delivery_id = msgspec.json.Decoder(_Delivery)
 _record = msgspec.json.Encoder()
 
 
@@ -44,18 +64,19 @@ def outbox_items(notifications: Sequence[Notification], subjects: Subjects,
     copies: list[tuple[str, bytes, dict[str, str]]] = []
     previous = last_position
     for n in notifications:
-        state = _state.decode(n.state)
-        if state["kind"] == Kind.ASSIGNED:
-            delivery = state["data"]["delivery"]
-            deliveries.append((subjects.deliver(state["data"]["agent"]), canonical(delivery),
-                               {MSG_ID: delivery["id"]}))
+        state = _routing.decode(n.state)
+        if state.kind == Kind.ASSIGNED:
+            assignment = _assignment.decode(state.data)
+            delivery = bytes(assignment.delivery)
+            deliveries.append((subjects.deliver(assignment.agent), delivery,
+                               {MSG_ID: _delivery_id.decode(delivery).id}))
         record = LedgerRecord(position=n.id, aggregate_id=str(n.originator_id),
                               version=n.originator_version, topic=n.topic,
                               event=msgspec.Raw(n.state))
         headers = {MSG_ID: subjects.ledger_msg_id(n.id)}
         if previous:
             headers[EXPECTED_LAST_MSG_ID] = subjects.ledger_msg_id(previous)
-        copies.append((subjects.ledger(state["aggregate"], state["key"], state["kind"]),
+        copies.append((subjects.ledger(state.aggregate, state.key, state.kind),
                        _record.encode(record), headers))
         previous = n.id
     return deliveries + copies

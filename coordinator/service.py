@@ -11,6 +11,7 @@ from functools import partial
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
+from eventsourcing.persistence import Notification
 
 from bus.client import BusSettings, Credentials, open_bus
 from bus.faults import CrashPoints
@@ -63,13 +64,13 @@ async def run_coordinator(settings: CoordinatorSettings, *,
         signer = await anyio.to_thread.run_sync(
             lambda: load_signer(settings.signing_seed, settings.ledger))
         checkpointer = Checkpointer(signer, subjects.prefix)
-        feed = CommitFeed(ledger.mapper)
+        feed = CommitFeed()
 
-        def on_commit(positions: list[int], events: list[LedgerEvent]) -> None:
+        def on_commit(stored: list[Notification], events: list[LedgerEvent]) -> None:
             # What was just stored goes to the relay and the global chain in memory,
             # instead of both reading it back from the database.
-            feed.add(positions, events)
-            checkpointer.follow(positions, events)
+            feed.add(stored)
+            checkpointer.follow(stored, events)
 
         writer = await anyio.to_thread.run_sync(
             lambda: LedgerWriter(ledger, settings.policy, subjects, settings.clock,

@@ -43,6 +43,7 @@ import msgspec
 import nacl.exceptions
 import nacl.signing
 import nkeys  # type: ignore[import-untyped, unused-ignore]
+from eventsourcing.persistence import Notification
 
 from coordinator.ledger.events import (
     GENESIS,
@@ -436,11 +437,13 @@ class Checkpointer:
                 self.covered = n.id
         return len(notifications) == page
 
-    def follow(self, positions: Sequence[int], events: Sequence[LedgerEvent]) -> None:
-        """Fold a commit the writer just made, as far as it continues what is folded (so
-        ``catch_up`` need not read it back); anything else is left to ``catch_up``. Call it
-        only after the commit, on the writer's thread."""
-        for at, event in zip(positions, events, strict=True):
+    def follow(self, stored: Sequence[Notification], events: Sequence[LedgerEvent]) -> None:
+        """Fold a commit the writer just made (``stored``: as the log holds its ``events``),
+        as far as it continues what is folded (so ``catch_up`` need not read it back);
+        anything else is left to ``catch_up``. Call it only after the commit, on the
+        writer's thread."""
+        for n, event in zip(stored, events, strict=True):
+            at = n.id
             if at != self.position + 1:
                 return
             self.head = global_link(self.head, event.hash)

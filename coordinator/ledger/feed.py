@@ -10,11 +10,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from uuid import UUID
 
-from eventsourcing.persistence import Mapper, Notification
-
-from coordinator.ledger.events import LedgerEvent
+from eventsourcing.persistence import Notification
 
 
 class CommitFeed:
@@ -24,12 +21,12 @@ class CommitFeed:
     that falls behind loses the oldest entries, sees the gap and reads the log instead.
     """
 
-    def __init__(self, mapper: Mapper[UUID], maxlen: int = 8192) -> None:
-        self._mapper = mapper
-        self._items: deque[tuple[int, LedgerEvent]] = deque(maxlen=maxlen)
+    def __init__(self, maxlen: int = 8192) -> None:
+        self._items: deque[Notification] = deque(maxlen=maxlen)
 
-    def add(self, positions: Sequence[int], events: Sequence[LedgerEvent]) -> None:
-        self._items.extend(zip(positions, events, strict=True))
+    def add(self, stored: Sequence[Notification]) -> None:
+        """What a commit stored, as the log holds it (``Ledger.append`` gives it)."""
+        self._items.extend(stored)
 
     def after(self, position: int, limit: int) -> list[Notification] | None:
         """Up to ``limit`` notifications right after ``position``, exactly as the log holds
@@ -37,16 +34,13 @@ class CommitFeed:
         out: list[Notification] = []
         while len(out) < limit:
             try:
-                at, event = self._items.popleft()
+                notification = self._items.popleft()
             except IndexError:
                 break
-            if at <= position:
+            if notification.id <= position:
                 continue  # relayed already, from the log
-            if at != position + 1:
+            if notification.id != position + 1:
                 return None  # a gap: only the log knows what is there
-            stored = self._mapper.to_stored_event(event)  # the very bytes the log stores
-            out.append(Notification(id=at, originator_id=stored.originator_id,
-                                    originator_version=stored.originator_version,
-                                    topic=stored.topic, state=stored.state))
-            position = at
+            out.append(notification)
+            position = notification.id
         return out

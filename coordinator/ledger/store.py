@@ -68,12 +68,14 @@ class Ledger(Application[UUID]):
         assert isinstance(self.recorder, ProcessRecorder)
         return self.recorder
 
-    def append(self, events: Sequence[LedgerEvent], tracking: Tracking | None) -> list[int]:
-        """Store events (and the tracking position) in one transaction; their positions."""
+    def append(self, events: Sequence[LedgerEvent],
+               tracking: Tracking | None) -> list[Notification]:
+        """Store events (and the tracking position) in one transaction; as the log now
+        holds them (positions, and the very bytes stored)."""
         processing = ProcessingEvent[UUID](tracking=tracking)
         processing.events.extend(events)
         recordings = self._record(processing)
-        return [r.notification.id for r in recordings]
+        return [r.notification for r in recordings]
 
     def tracking_position(self, name: str) -> int:
         return self.process_recorder.max_tracking_id(name) or 0

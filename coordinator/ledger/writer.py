@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import msgspec
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import Notification, Tracking
 
 from coordinator.decide import (
     ToolVerdict,
@@ -65,7 +65,8 @@ class LedgerWriter:
 
     def __init__(self, ledger: Ledger, policy: Policy, subjects: Subjects,
                  clock: Callable[[], datetime], cache_size: int = 10_000,
-                 on_commit: Callable[[list[int], list[LedgerEvent]], None] | None = None,
+                 on_commit: Callable[[list[Notification], list[LedgerEvent]], None]
+                 | None = None,
                  ) -> None:
         self._ledger = ledger
         self._on_commit = on_commit  # told what each commit stored (the relay's feed)
@@ -145,7 +146,7 @@ class LedgerWriter:
             position = tracking()
             if not events and position is None:
                 return [], []
-            positions = self._ledger.append(events, position)
+            stored = self._ledger.append(events, position)
         except BaseException:
             # In-memory states were advanced for events that may not be stored: forget
             # them, the next read reloads from the database.
@@ -164,14 +165,14 @@ class LedgerWriter:
             touched, self._touched = self._touched, set()
             self._timers_before.clear()
         if self._on_commit is not None:
-            self._on_commit(positions, events)
+            self._on_commit(stored, events)
         # Closed tasks leave the cache once stored (a late message reloads them), so memory
         # follows the open tasks, not the history.
         for key in touched:
             task = self._tasks.get(key)
             if task is not None and not task.is_open:
                 del self._tasks[key]
-        return events, positions
+        return events, [n.id for n in stored]
 
     def _decide(self, message: IntakeMessage, now: datetime) -> list[Draft]:
         principal = self._subjects.principal_of(message.subject) or UNKNOWN_PRINCIPAL

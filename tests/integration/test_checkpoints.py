@@ -442,7 +442,7 @@ def test_following_commits_keeps_the_head_reading_the_log_gives(tmp_path: Path) 
         # A commit that does not continue what was folded is left for catch_up to read.
         lagging = Checkpointer(signer, subjects.prefix)
         tail = ledger.read(ledger.last_position() - 2, 10)
-        lagging.follow([n.id for n in tail], [cast(LedgerEvent, ledger.mapper.to_domain_event(
+        lagging.follow(tail, [cast(LedgerEvent, ledger.mapper.to_domain_event(
             StoredEvent(originator_id=n.originator_id, originator_version=n.originator_version,
                         topic=n.topic, state=n.state))) for n in tail])
         assert (lagging.position, lagging.head) == (0, GENESIS)

@@ -14,13 +14,13 @@ import uuid
 from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import psycopg
 import pytest
-from eventsourcing.persistence import Notification, StoredEvent
 
+from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID
 from coordinator.ledger.events import (
     Aggregate,
     Kind,
@@ -34,6 +34,7 @@ from coordinator.ledger.state import PrincipalState, TaskState, digest
 from coordinator.ledger.store import Ledger, LedgerError, open_ledger
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter, Recorded
 from coordinator.policy import Policy
+from coordinator.relay import outbox_items
 from schemas import (
     Body,
     Codec,
@@ -42,9 +43,11 @@ from schemas import (
     Fail,
     HandoffDecision,
     HandoffRequest,
+    LedgerRecord,
     Say,
     Subjects,
     SubmitTask,
+    canonical,
 )
 from tests.live import team_policy
 
@@ -130,16 +133,6 @@ def record_scenario(ledger: Ledger) -> list[Recorded]:
     writer = LedgerWriter(ledger, POLICY, SUBJECTS, fixed_clock)
     messages = scenario()
     return [writer.record(messages[:6]), writer.record(messages[6:])]
-
-
-def _tail(notifications: list[Notification], n: int) -> list[tuple[int, Notification]]:
-    return [(x.id, x) for x in notifications[-n:]]
-
-
-def _events(ledger: Ledger, tail: list[tuple[int, Notification]]) -> list[LedgerEvent]:
-    return [cast(LedgerEvent, ledger.mapper.to_domain_event(StoredEvent(
-        originator_id=n.originator_id, originator_version=n.originator_version,
-        topic=n.topic, state=n.state))) for _, n in tail]
 
 
 def positions_of(ledger: Ledger) -> list[tuple[int, dict[str, object]]]:
@@ -266,8 +259,9 @@ class LedgerContract:
     ) -> None:
         ledger = open_ledger(location, create=True)
         ledgers.append(ledger)
-        feed = CommitFeed(ledger.mapper)
-        writer = LedgerWriter(ledger, POLICY, SUBJECTS, fixed_clock, on_commit=feed.add)
+        feed = CommitFeed()
+        writer = LedgerWriter(ledger, POLICY, SUBJECTS, fixed_clock,
+                              on_commit=lambda stored, _: feed.add(stored))
         messages = scenario()
         writer.record(messages[:6])
         writer.record(messages[6:])
@@ -276,20 +270,42 @@ class LedgerContract:
         assert feed.after(len(from_log), 10) == []  # drained: nothing new is known
 
         # Entries the relay already took from the log are skipped; a gap is not vouched for.
-        feed.add([p for p, _ in _tail(from_log, 3)], _events(ledger, _tail(from_log, 3)))
+        feed.add(from_log[-3:])
         assert feed.after(len(from_log) - 1, 10) == from_log[-1:]
-        feed.add([p for p, _ in _tail(from_log, 3)], _events(ledger, _tail(from_log, 3)))
+        feed.add(from_log[-3:])
         assert feed.after(len(from_log) - 5, 10) is None
         # The relay then reads the log up to its end; what the feed still holds is older.
         assert feed.after(len(from_log), 10) == []
         # A bounded feed that overflowed has lost its oldest entries: a gap, again.
-        small = CommitFeed(ledger.mapper, maxlen=2)
-        small.add([p for p, _ in _tail(from_log, 3)], _events(ledger, _tail(from_log, 3)))
+        small = CommitFeed(maxlen=2)
+        small.add(from_log[-3:])
         assert small.after(len(from_log) - 3, 10) is None
         # A limit leaves the rest for the next call.
-        feed.add([p for p, _ in _tail(from_log, 3)], _events(ledger, _tail(from_log, 3)))
+        feed.add(from_log[-3:])
         assert feed.after(len(from_log) - 3, 2) == from_log[-3:-1]
         assert feed.after(len(from_log) - 1, 2) == from_log[-1:]
+
+    def test_the_relay_publishes_what_the_log_holds(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        log = list(self.reopen(location, ledgers).read(2, 10_000))
+        states = [msgspec.json.decode(n.state) for n in log]
+        assigned = [s["data"] for s in states if s["kind"] == Kind.ASSIGNED]
+        assert assigned
+        items = outbox_items(log, SUBJECTS, 2)
+        # Deliveries first (each its delivery's canonical bytes, deduplicated by its id),
+        # then one ledger copy per event, in order, each expecting the one before.
+        assert items[: len(assigned)] == [
+            (SUBJECTS.deliver(a["agent"]), canonical(a["delivery"]),
+             {MSG_ID: a["delivery"]["id"]}) for a in assigned]
+        copies = items[len(assigned):]
+        assert [subject for subject, _, _ in copies] == [
+            SUBJECTS.ledger(s["aggregate"], s["key"], s["kind"]) for s in states]
+        assert [h for _, _, h in copies] == [
+            {MSG_ID: SUBJECTS.ledger_msg_id(n.id),
+             EXPECTED_LAST_MSG_ID: SUBJECTS.ledger_msg_id(n.id - 1)} for n in log]
+        records = [msgspec.json.decode(data, type=LedgerRecord) for _, data, _ in copies]
+        assert [(r.position, bytes(r.event)) for r in records] == [(n.id, n.state) for n in log]
 
     def test_restarted_writer_skips_what_tracking_already_holds(
         self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
