@@ -86,6 +86,7 @@ class LedgerWriter:
         self.suspended = frozenset(suspended)
         self._buckets: dict[str, tuple[float, datetime]] = {}  # principal -> tokens, at
         self._dropped: dict[str, tuple[int, datetime]] = {}  # principal -> count, since
+        self._recorded_at: tuple[datetime | None, str] = (None, "")
 
     def record(self, batch: Sequence[IntakeMessage]) -> Recorded:
         """Decide and store a batch of intake messages with their tracking position."""
@@ -272,8 +273,10 @@ class LedgerWriter:
             self._remember(draft.key, state)
         else:
             state = self._principal(draft.key)
+        if self._recorded_at[0] is not now:  # one clock reading per batch: format it once
+            self._recorded_at = (now, now.isoformat())
         event = stamp(draft, version=state.version + 1, prev_hash=state.head,
-                      recorded_at=now.isoformat())
+                      recorded_at=self._recorded_at[1])
         state.apply(event)
         if isinstance(state, TaskState):
             self._timers_before.setdefault(draft.key, self.timers.get(draft.key))
