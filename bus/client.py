@@ -177,6 +177,8 @@ class PendingAck:
     _inbox: _AckInbox = field(repr=False)
 
     async def wait(self, timeout: float = 10.0) -> PubAck:
+        if self._future.done():  # often, by the time it is asked: no cancel scope needed
+            return self._future.result()
         try:
             with anyio.fail_after(timeout):  # acks have no timeout of their own
                 return await self._future
