@@ -313,11 +313,24 @@ class Bus:
         return PendingAck(subject, token, future, self._acks)
 
     async def publish_all(self, items: Sequence[tuple[str, bytes, dict[str, str]]],
-                          timeout: float = 10.0) -> list[PubAck]:
+                          timeout: float = 10.0, *,
+                          chain: Sequence[tuple[str, bytes, dict[str, str]]] = (),
+                          ) -> list[PubAck]:
         """Publish many messages pipelined; return their acks in order (BusError if the
-        stream refuses one, or an ack does not come within ``timeout``)."""
+        stream refuses one, or an ack does not come within ``timeout``).
+
+        Then ``chain``: messages to one stream, each expecting the one before it as the
+        stream's last (``Nats-Expected-Last-Msg-Id``). Only the last of them asks for an
+        ack, appended to the result: the stream takes a connection's messages in order and
+        refuses each one whose predecessor is not what it stored last, so one refused or
+        lost link fails every later one, the last included. Half the messages on the wire.
+        """
         sent = [await self._acks.publish(subject, data, headers)
                 for subject, data, headers in items]
+        if chain:
+            for subject, data, headers in chain[:-1]:
+                await self._nc.publish(subject, data, headers=headers)  # no reply: no ack
+            sent.append(await self._acks.publish(*chain[-1]))
         try:
             with anyio.fail_after(timeout):
                 return [await future for _, future in sent]

@@ -53,15 +53,19 @@ _delivery_id = msgspec.json.Decoder(_Delivery)
 _record = msgspec.json.Encoder()
 
 
+Message = tuple[str, bytes, dict[str, str]]  # subject, data, headers
+
+
 def outbox_items(notifications: Sequence[Notification], subjects: Subjects,
-                 last_position: int) -> list[tuple[str, bytes, dict[str, str]]]:
-    """What to publish for these notifications: deliveries first, then the ledger copies.
+                 last_position: int) -> tuple[list[Message], list[Message]]:
+    """What to publish for these notifications: the deliveries, then the ledger copies
+    (a chain: each expects the one before it as the stream's last).
 
     A delivery goes out before its ledger copy so that a crash between the two leaves the
     copy missing (and so republished, with the delivery deduplicated), never the delivery.
     """
-    deliveries: list[tuple[str, bytes, dict[str, str]]] = []
-    copies: list[tuple[str, bytes, dict[str, str]]] = []
+    deliveries: list[Message] = []
+    copies: list[Message] = []
     previous = last_position
     for n in notifications:
         state = _routing.decode(n.state)
@@ -79,7 +83,7 @@ def outbox_items(notifications: Sequence[Notification], subjects: Subjects,
         copies.append((subjects.ledger(state.aggregate, state.key, state.kind),
                        _record.encode(record), headers))
         previous = n.id
-    return deliveries + copies
+    return deliveries, copies
 
 
 async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
@@ -105,7 +109,9 @@ async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
             continue
         crash.reached("coordinator.before_relay", notifications[-1].state)
         try:
-            await bus.publish_all(outbox_items(notifications, subjects, position))
+            deliveries, copies = outbox_items(notifications, subjects, position)
+            # Every delivery acked; of the copies only the last (its ack vouches for all).
+            await bus.publish_all(deliveries, chain=copies)
         except (BusError, TimeoutError) as exc:
             # Resynchronise from what the stream really holds, then go again.
             log.warning("relay publish failed after position %d: %s", position, exc)

@@ -60,3 +60,41 @@ async def test_a_publish_no_stream_takes_fails_instead_of_hanging(
             await pending.wait(timeout=5)
         with pytest.raises(BusError, match="no stream answered"):
             await bus.publish_all([(f"{prefix}.nowhere", b"lost", {MSG_ID: "x"})], timeout=5)
+
+
+def _chain(prefix: str, ids: range, expect_before: str | None = None
+           ) -> list[tuple[str, bytes, dict[str, str]]]:
+    out = []
+    previous = expect_before
+    for i in ids:
+        headers = {MSG_ID: f"c-{i}"}
+        if previous is not None:
+            headers[EXPECTED_LAST_MSG_ID] = previous
+        out.append((f"{prefix}.pub.{i % 3}", f"c{i}".encode(), headers))
+        previous = f"c-{i}"
+    return out
+
+
+async def test_a_chain_is_acked_once_and_its_last_ack_vouches_for_every_link(
+        nats_server: EmbeddedNats, prefix: str) -> None:
+    spec, name = _stream(prefix)
+    async with open_bus(BusSettings(url=nats_server.url, name="pub-test")) as bus:
+        await bus.ensure_streams([spec])
+        head = [(f"{prefix}.pub.h", b"head", {MSG_ID: "head"})]
+        acks = await bus.publish_all(head, chain=_chain(prefix, range(1, 301), "head"))
+        assert [(a.seq, a.duplicate) for a in acks] == [(1, False), (301, False)]
+        assert await bus.last_msg_id(name) == "c-300"
+        stored = await bus.stored(name, 151)
+        assert stored is not None
+        assert stored[1] == b"c150"
+        # Republished after a crash: every link a duplicate, nothing stored twice.
+        (again,) = await bus.publish_all([], chain=_chain(prefix, range(1, 301), "head"))
+        assert (again.seq, again.duplicate) == (301, True)
+
+        # One link the stream refuses (it expects what is not the last) fails all after it,
+        # and the one ack says so; the stream keeps exactly the links before it.
+        links = _chain(prefix, range(301, 321), "c-300")
+        links[4][2][EXPECTED_LAST_MSG_ID] = "not-the-last"
+        with pytest.raises(BusError, match=r"refused: .*last"):
+            await bus.publish_all([], chain=links)
+        assert await bus.last_msg_id(name) == "c-304"

@@ -292,13 +292,12 @@ class LedgerContract:
         states = [msgspec.json.decode(n.state) for n in log]
         assigned = [s["data"] for s in states if s["kind"] == Kind.ASSIGNED]
         assert assigned
-        items = outbox_items(log, SUBJECTS, 2)
-        # Deliveries first (each its delivery's canonical bytes, deduplicated by its id),
-        # then one ledger copy per event, in order, each expecting the one before.
-        assert items[: len(assigned)] == [
+        deliveries, copies = outbox_items(log, SUBJECTS, 2)
+        # Each delivery as its delivery's canonical bytes, deduplicated by its id; one
+        # ledger copy per event, in order, each expecting the one before.
+        assert deliveries == [
             (SUBJECTS.deliver(a["agent"]), canonical(a["delivery"]),
              {MSG_ID: a["delivery"]["id"]}) for a in assigned]
-        copies = items[len(assigned):]
         assert [subject for subject, _, _ in copies] == [
             SUBJECTS.ledger(s["aggregate"], s["key"], s["kind"]) for s in states]
         assert [h for _, _, h in copies] == [
