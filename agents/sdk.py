@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
-from uuid import UUID, uuid5
+from uuid import UUID
 
 from schemas import (
     Body,
@@ -28,6 +28,7 @@ from schemas import (
     ToolCall,
     ToolOutcome,
     is_token,
+    uuid5_text,
 )
 
 _NS_OUTPUT = UUID("3c9f1a7e-5b2d-5f4e-8a6c-7d8e9f0a1b2c")
@@ -172,7 +173,7 @@ class Context:
         self.finished = True
 
     def output_id(self, n: int) -> str:
-        return str(uuid5(_NS_OUTPUT, f"{self.delivery.id}:{n}"))
+        return uuid5_text(_NS_OUTPUT, f"{self.delivery.id}:{n}")
 
     async def _send(self, body: Body) -> None:
         if self.finished:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from schemas.codec import Codec, canonical
 from schemas.errors import LedgermeshError, MalformedMessageError
+from schemas.ids import uuid5_text
 from schemas.messages import (
     BODY_TYPES,
     ApproveTool,
@@ -55,4 +56,5 @@ __all__ = [
     "ToolOutcome",
     "canonical",
     "is_token",
+    "uuid5_text",
 ]

@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Any
 from uuid import UUID, uuid5
 
-from schemas import canonical
+from schemas import canonical, uuid5_text
 
 GENESIS = "0" * 64
 
@@ -73,7 +73,7 @@ def checkpoint_aggregate_id(key: str) -> UUID:
 
 def delivery_id(cause_msg_id: str, agent: str, attempt: int) -> str:
     """The id of the delivery an assignment produces: stable, and new for every retry."""
-    return str(uuid5(_NS_DELIVERY, f"{cause_msg_id}:{agent}:{attempt}"))
+    return uuid5_text(_NS_DELIVERY, f"{cause_msg_id}:{agent}:{attempt}")
 
 
 @dataclass(frozen=True, kw_only=True)
