@@ -1,11 +1,11 @@
 """Rebuild every aggregate from the notification log alone, and verify every hash chain.
 
-Replay never decides anything: it folds what was recorded, in ledger order. It reads the
-log twice, in two passes that share nothing but the log: the *fold* (each event follows
-its predecessor's version and hash; state) and the *check* (each stored hash is the hash
-of what is stored; the global chain; signed checkpoints). Over a long log the check runs
-in a helper process while this one folds, so the two cores of a small machine share the
-work; over a short one, the check simply follows the fold.
+Replay never decides anything: it folds what was recorded, in ledger order. Two passes
+share nothing but the log: the *fold* (each event follows its predecessor's version and
+hash; the global chain and signed checkpoints; state) and the *check* (each stored hash is
+the hash of what is stored, event by event). Over a long log the check runs in a helper
+process, reading the log itself, while this one folds, so the two cores of a small machine
+share the work; over a short one, both passes take each page as it is read.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from coordinator.ledger.store import Ledger, LedgerError
 from schemas import LedgermeshError, canonical
 
 # From this many events on, the check runs in a helper process: below it, starting one
-# (~0.3 s) costs more than the check.
+# (~0.3 s) costs more than the check (~6 us an event) saves.
 HELPER_FROM_EVENTS = 50_000
 
 
@@ -77,25 +77,6 @@ class Replay:
         return digest(self.tasks, self.principals)
 
 
-@dataclass
-class _Folded:
-    """What the fold pass found: its result, and the breaks of each event's link (out of
-    sequence, unreadable) apart from those of the global chain and checkpoints, so that a
-    wrong hash found by the check can go between them, as one pass would find it."""
-
-    replay: Replay
-    links: list[Break]
-    chain_breaks: list[Break]
-
-
-@dataclass
-class _Checked:
-    """What the check pass found: how many events it read, and each wrong hash."""
-
-    events: int
-    hashes: dict[int, Break]
-
-
 _decoder = msgspec.json.Decoder()
 
 
@@ -110,27 +91,30 @@ def replay(ledger: Ledger, *, to: int | None = None, page: int = 2000,
     ``helper``: check in a helper process (None: when the log holds at least
     ``HELPER_FROM_EVENTS`` events). The result is the same either way.
     """
-    chain = GlobalChain(trusted_keys, against)
+    fold = _Fold(GlobalChain(trusted_keys, against))
     # Both passes read the same log, even if the coordinator appends meanwhile.
     last = ledger.last_position()
     stop = last if to is None else min(to, last)
     if helper is None:
         helper = stop >= HELPER_FROM_EVENTS
     with _collector_paused():
-        if not helper:
-            folded = _fold_log(ledger, stop, page, progress, chain)
-            checked = _check_log(ledger, stop, page)
+        if not helper:  # one read of each page, for both passes
+            check = _Check()
+            for notifications in _pages(ledger, stop, page, progress):
+                fold.add(notifications)
+                check.add(notifications)
         else:
             with _CheckProcess(dict(ledger.env), stop, page) as process:
-                folded = _fold_log(ledger, stop, page, progress, chain)
-                checked = process.result()
-    if checked.events != folded.replay.events:  # never silently verify some other log
-        raise LedgerError(f"the replay's check read {checked.events} events where the fold "
-                          f"read {folded.replay.events}: is the ledger location a real file?")
-    result = folded.replay
-    result.breaks = _merged(folded, checked) + [
+                for notifications in _pages(ledger, stop, page, progress):
+                    fold.add(notifications)
+                check = process.result()
+    result = fold.replay
+    if check.events != result.events:  # never silently verify some other log
+        raise LedgerError(f"the replay's check read {check.events} events where the fold "
+                          f"read {result.events}: is the ledger location a real file?")
+    result.breaks = _merged(fold, check) + [
         Break(position, Aggregate.CHECKPOINT.value, CHECKPOINTS_KEY, Kind.CHECKPOINTED.value,
-              why) for position, why in chain.finish(to)]
+              why) for position, why in fold.replay.chain.finish(to)]
     return result
 
 
@@ -267,91 +251,107 @@ _read_stored = msgspec.json.Decoder(_Stored).decode
 _read_sealed = msgspec.json.Decoder(_Sealed).decode
 
 
-def _notifications(ledger: Ledger, stop: int, page: int,
-                   progress: Callable[[int], None] | None = None) -> Iterator[Notification]:
-    """The log in order, up to position ``stop``."""
+def _pages(ledger: Ledger, stop: int, page: int,
+           progress: Callable[[int], None] | None = None) -> Iterator[Sequence[Notification]]:
+    """The log in order, a page at a time, up to position ``stop``."""
     after = 0
     while notifications := ledger.read(after, page):
-        for n in notifications:
-            if n.id > stop:
-                return
-            yield n
+        if notifications[-1].id > stop:
+            notifications = [n for n in notifications if n.id <= stop]
+            if notifications:
+                yield notifications
+            return
+        yield notifications
         after = notifications[-1].id
         if progress is not None:
             progress(after)
 
 
-def _fold_log(ledger: Ledger, stop: int, page: int,
-              progress: Callable[[int], None] | None, chain: GlobalChain) -> _Folded:
+class _Fold:
     """The fold pass: each event next in its chain's sequence, linked into the global
-    chain (checkpoints checked against it), and folded into state."""
-    result = Replay(chain=chain)
-    links: list[Break] = []
-    chain_breaks: list[Break] = []
-    tasks, principals = result.tasks, result.principals
-    heads: dict[UUID | str, tuple[int, str]] = {}
-    for n in _notifications(ledger, stop, page, progress):
-        result.events += 1
-        result.position = n.id
-        try:
-            event = _read_stored(n.state)
-        except msgspec.DecodeError as exc:
-            links.append(Break(n.id, "?", str(n.originator_id), "?",
-                               f"stored event is unreadable: {exc}"))
-            continue
-        event.originator_version = n.originator_version
-        version, previous = heads.get(n.originator_id, (0, GENESIS))
-        problem = (f"unexpected topic {n.topic}" if n.topic != TOPIC
-                   else _sequence_problem(event.originator_version, event.prev_hash,
-                                          version, previous))
-        if problem is not None:
-            links.append(Break(n.id, event.aggregate, event.key, event.kind, problem))
-        heads[n.originator_id] = (event.originator_version, event.hash)
-        problems = chain.link(n.id, event.hash)
-        if problems:
-            chain_breaks += [Break(n.id, event.aggregate, event.key, event.kind, why)
-                             for why in problems]
-        aggregate = event.aggregate
-        if aggregate == Aggregate.TASK:
-            task = tasks.get(event.key)
-            if task is None:
-                task = tasks[event.key] = TaskState(task_id=event.key)
-            task.apply(event)
-        elif aggregate == Aggregate.CHECKPOINT:
-            problem = chain.check(n.id, event.data)
+    chain (checkpoints checked against it), and folded into state.
+
+    Keeps the breaks of each event's link (out of sequence, unreadable) apart from those
+    of the global chain and checkpoints, so that a wrong hash the check finds can go
+    between them, as one pass would find it."""
+
+    def __init__(self, chain: GlobalChain) -> None:
+        self.replay = Replay(chain=chain)
+        self.links: list[Break] = []
+        self.chain_breaks: list[Break] = []
+        self._heads: dict[UUID | str, tuple[int, str]] = {}
+
+    def add(self, notifications: Sequence[Notification]) -> None:
+        """The hot loop of replay: kept lean (locals, no calls it can do without)."""
+        result, links, chain_breaks, heads = (self.replay, self.links, self.chain_breaks,
+                                              self._heads)
+        chain, tasks, principals = result.chain, result.tasks, result.principals
+        for n in notifications:
+            result.events += 1
+            result.position = n.id
+            try:
+                event = _read_stored(n.state)
+            except msgspec.DecodeError as exc:
+                links.append(Break(n.id, "?", str(n.originator_id), "?",
+                                   f"stored event is unreadable: {exc}"))
+                continue
+            event.originator_version = n.originator_version
+            version, previous = heads.get(n.originator_id, (0, GENESIS))
+            problem = (f"unexpected topic {n.topic}" if n.topic != TOPIC
+                       else _sequence_problem(event.originator_version, event.prev_hash,
+                                              version, previous))
             if problem is not None:
-                chain_breaks.append(Break(n.id, event.aggregate, event.key, event.kind,
-                                          problem))
-        else:
-            principal = principals.get(event.key)
-            if principal is None:
-                principal = principals[event.key] = PrincipalState(name=event.key)
-            principal.apply(event)
-    return _Folded(result, links, chain_breaks)
+                links.append(Break(n.id, event.aggregate, event.key, event.kind, problem))
+            heads[n.originator_id] = (event.originator_version, event.hash)
+            problems = chain.link(n.id, event.hash)
+            if problems:
+                chain_breaks += [Break(n.id, event.aggregate, event.key, event.kind, why)
+                                 for why in problems]
+            aggregate = event.aggregate
+            if aggregate == Aggregate.TASK:
+                task = tasks.get(event.key)
+                if task is None:
+                    task = tasks[event.key] = TaskState(task_id=event.key)
+                task.apply(event)
+            elif aggregate == Aggregate.CHECKPOINT:
+                problem = chain.check(n.id, event.data)
+                if problem is not None:
+                    chain_breaks.append(Break(n.id, event.aggregate, event.key, event.kind,
+                                              problem))
+            else:
+                principal = principals.get(event.key)
+                if principal is None:
+                    principal = principals[event.key] = PrincipalState(name=event.key)
+                principal.apply(event)
 
 
-def _check_log(ledger: Ledger, stop: int, page: int) -> _Checked:
+class _Check:
     """The check pass: each stored hash recomputed from the stored bytes. Each event on
-    its own (it carries its ``prev_hash``): that is what lets it run beside the fold."""
-    hashes: dict[int, Break] = {}
-    ids: dict[UUID | str, str] = {}  # formatting a UUID costs more than hashing one
-    events = 0
-    for n in _notifications(ledger, stop, page):
-        events += 1
-        if n.topic != TOPIC:
-            continue  # the fold reports it
-        try:
-            event = _read_sealed(n.state)
-        except msgspec.DecodeError:
-            continue  # the fold reports it; there is no hash to check
-        aggregate_id = ids.get(n.originator_id)
-        if aggregate_id is None:
-            aggregate_id = ids[n.originator_id] = str(n.originator_id)
-        problem = _hash_problem(event.prev_hash, aggregate_id, n.originator_version,
-                                event.hash, hashed_body(n.state, event.hash))
-        if problem is not None:
-            hashes[n.id] = Break(n.id, event.aggregate, event.key, event.kind, problem)
-    return _Checked(events, hashes)
+    its own (it carries its ``prev_hash``): that is what lets it run beside the fold.
+    Counts the events it read; keeps each wrong hash by position."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.hashes: dict[int, Break] = {}
+        self._ids: dict[UUID | str, str] = {}  # formatting a UUID costs more than hashing
+
+    def add(self, notifications: Sequence[Notification]) -> None:
+        hashes, ids = self.hashes, self._ids
+        self.events += len(notifications)
+        for n in notifications:
+            if n.topic != TOPIC:
+                continue  # the fold reports it
+            try:
+                event = _read_sealed(n.state)
+            except msgspec.DecodeError:
+                continue  # the fold reports it; there is no hash to check
+            aggregate_id = ids.get(n.originator_id)
+            if aggregate_id is None:
+                aggregate_id = ids[n.originator_id] = str(n.originator_id)
+            problem = _hash_problem(event.prev_hash, aggregate_id, n.originator_version,
+                                    event.hash, hashed_body(n.state, event.hash))
+            if problem is not None:
+                hashes[n.id] = Break(n.id, event.aggregate, event.key, event.kind, problem)
 
 
 class _CheckProcess:
@@ -384,29 +384,31 @@ class _CheckProcess:
             self._child.kill()
         self._child.communicate()
 
-    def result(self) -> _Checked:
+    def result(self) -> _Check:
         out, err = self._child.communicate()
         if self._child.returncode != 0:
             last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
             raise LedgerError(f"the replay's check process failed (exit "
                               f"{self._child.returncode}): {last[0]}")
-        checked: _Checked = pickle.loads(out)  # our own child's output
-        return checked
+        check: _Check = pickle.loads(out)  # our own child's output
+        return check
 
 
 def serve_check() -> None:
     """The helper process: arguments from stdin, the check pass, its result to stdout."""
     env, stop, page = pickle.load(sys.stdin.buffer)
     ledger = Ledger(env=env)
+    check = _Check()
     try:
         with _collector_paused():
-            checked = _check_log(ledger, stop, page)
+            for notifications in _pages(ledger, stop, page):
+                check.add(notifications)
     finally:
         ledger.close()
-    sys.stdout.buffer.write(pickle.dumps(checked))
+    sys.stdout.buffer.write(pickle.dumps(check))
 
 
-def _merged(folded: _Folded, checked: _Checked) -> list[Break]:
+def _merged(folded: _Fold, checked: _Check) -> list[Break]:
     """The breaks in log order, as one pass would find them: for each event, a broken link
     (or else a wrong hash: the first thing wrong with it), then the global chain's and the
     checkpoints'."""
