@@ -177,14 +177,26 @@ class PendingAck:
     _inbox: _AckInbox = field(repr=False)
 
     async def wait(self, timeout: float = 10.0) -> PubAck:
-        if self._future.done():  # often, by the time it is asked: no cancel scope needed
-            return self._future.result()
+        future = self._future
         try:
-            with anyio.fail_after(timeout):  # acks have no timeout of their own
-                return await self._future
+            if future.done():  # often, by the time it is asked
+                return future.result()
+            # Acks have no timeout of their own. A timer on the future itself, not a cancel
+            # scope: an agent waits for every output it sends, and a scope was a tenth of
+            # its CPU. (Cancelling the waiting task cancels the future, as any await does.)
+            timer = asyncio.get_running_loop().call_later(timeout, _expire, future)
+            try:
+                return await future
+            finally:
+                timer.cancel()
         except TimeoutError as exc:
             self._inbox.forget(self._token)
             raise BusError(f"publish to {self.subject}: no ack within {timeout:g} s") from exc
+
+
+def _expire(future: asyncio.Future[PubAck]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 @dataclass

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import uuid
 
+import anyio
+import nats
 import pytest
+from nats.aio.msg import Msg
 
 from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID, BusError, BusSettings, open_bus
 from bus.embedded import EmbeddedNats
@@ -98,3 +101,28 @@ async def test_a_chain_is_acked_once_and_its_last_ack_vouches_for_every_link(
         with pytest.raises(BusError, match=r"refused: .*last"):
             await bus.publish_all([], chain=links)
         assert await bus.last_msg_id(name) == "c-304"
+
+
+async def test_an_ack_that_never_comes_times_out_and_a_cancelled_wait_stops(
+        nats_server: EmbeddedNats, prefix: str) -> None:
+    # A plain subscriber takes the message and never answers: no stream, no 503 either.
+    silent = await nats.connect(nats_server.url)
+    try:
+        await silent.subscribe(f"{prefix}.silent", cb=_ignore)
+        await silent.flush()
+        async with open_bus(BusSettings(url=nats_server.url, name="pub-test")) as bus:
+            pending = await bus.start_publish(f"{prefix}.silent", b"x", msg_id="s1")
+            started = anyio.current_time()
+            with pytest.raises(BusError, match=r"no ack within 0\.3 s"):
+                await pending.wait(timeout=0.3)
+            assert 0.25 < anyio.current_time() - started < 5
+            other = await bus.start_publish(f"{prefix}.silent", b"y", msg_id="s2")
+            with anyio.move_on_after(0.2) as scope:
+                await other.wait(timeout=30)
+            assert scope.cancelled_caught  # the caller's deadline wins over the ack's
+    finally:
+        await silent.close()
+
+
+async def _ignore(msg: Msg) -> None:
+    return None
