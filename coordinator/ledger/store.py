@@ -116,6 +116,10 @@ def ledger_env(location: str, create: bool = True) -> dict[str, str]:
 def open_ledger(location: str, *, create: bool) -> Ledger:
     """Open the ledger at ``location``; with ``create=False`` it must already exist."""
     is_postgres = location.startswith(("postgresql://", "postgres://"))
+    if not is_postgres and "://" in location:
+        # Not a path: taken as one, "sqlite:///x.db" would create a directory "sqlite:".
+        raise LedgerError(f"unsupported ledger location {_redact(location)}: give a SQLite "
+                          "file path (e.g. ledgermesh-data/ledger.db) or a postgresql:// URL")
     if not is_postgres:
         path = Path(location)
         if not create and not path.is_file():

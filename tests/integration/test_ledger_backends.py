@@ -513,6 +513,17 @@ class TestSqliteLedger(LedgerContract):
     def missing_location(self, tmp_path: Path) -> str:
         return str(tmp_path / "nowhere" / "ledger.db")
 
+    @pytest.mark.parametrize("url", ["sqlite:///ledger.db", "file:///tmp/ledger.db",
+                                     "mysql://root@127.0.0.1/test"])
+    def test_a_url_that_is_not_a_path_or_postgres_is_refused(
+        self, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        for create in (True, False):
+            with pytest.raises(LedgerError, match=r"^unsupported ledger location .*postgresql"):
+                open_ledger(url, create=create)
+        assert list(tmp_path.iterdir()) == []  # no "sqlite:" directory, nothing at all
+
     def test_a_check_that_reads_another_log_is_an_error_not_a_pass(self) -> None:
         # An in-memory ledger exists only in this process: the helper would open an empty
         # one of its own and find nothing wrong.
