@@ -101,25 +101,19 @@ async def _drive_async(run_task: Callable[[str], Awaitable[None]], latency_tasks
     return _summary(one, done, time.perf_counter() - t0)
 
 
-async def _autogen(latency_tasks: int, seconds: float) -> dict[str, Any]:
-    from dataclasses import dataclass
+@dataclass
+class Work:
+    """The autogen chains' one message type (its name is its wire name in every process)."""
 
-    from autogen_core import (
-        MessageContext,
-        RoutedAgent,
-        SingleThreadedAgentRuntime,
-        TopicId,
-        TypeSubscription,
-        message_handler,
-    )
+    task: str
+    text: str
 
-    @dataclass
-    class Work:
-        task: str
-        text: str
 
-    finished: dict[str, asyncio.Future[None]] = {}
-    said: list[str] = []
+def _autogen_hop_class(said: list[str], finished: dict[str, asyncio.Future[None]], *,
+                       sink: bool) -> Any:
+    """autogen-core's hop agent. Hop ``HOPS`` finishes the task itself, or with ``sink``
+    (the gRPC chain, whose driver is another process) hands it to hop 0, the sink."""
+    from autogen_core import MessageContext, RoutedAgent, TopicId, message_handler
 
     class Hop(RoutedAgent):
         def __init__(self, index: int) -> None:
@@ -128,18 +122,29 @@ async def _autogen(latency_tasks: int, seconds: float) -> dict[str, Any]:
 
         @message_handler
         async def on_work(self, message: Work, ctx: MessageContext) -> None:
+            if self.index == 0:  # the sink
+                finished.pop(message.task).set_result(None)
+                return
             said.append(f"hop{self.index} working on {message.task}")  # "say"
             if len(said) > 10_000:
                 said.clear()
-            if self.index == HOPS:
+            if self.index == HOPS and not sink:
                 finished.pop(message.task).set_result(None)
-            else:
-                await self.publish_message(Work(message.task, "next hop"),
-                                           TopicId(f"hop{self.index + 1}", "default"))
+                return
+            after = "sink" if self.index == HOPS else f"hop{self.index + 1}"
+            await self.publish_message(Work(message.task, "next hop"), TopicId(after, "default"))
 
+    return Hop
+
+
+async def _autogen(latency_tasks: int, seconds: float) -> dict[str, Any]:
+    from autogen_core import SingleThreadedAgentRuntime, TopicId, TypeSubscription
+
+    finished: dict[str, asyncio.Future[None]] = {}
+    hop = _autogen_hop_class([], finished, sink=False)
     runtime = SingleThreadedAgentRuntime()
     for i in range(1, HOPS + 1):
-        await Hop.register(runtime, f"hop{i}", lambda i=i: Hop(i))
+        await hop.register(runtime, f"hop{i}", lambda i=i: hop(i))
         await runtime.add_subscription(TypeSubscription(f"hop{i}", f"hop{i}"))
     runtime.start()
 
@@ -155,38 +160,6 @@ async def _autogen(latency_tasks: int, seconds: float) -> dict[str, Any]:
         await runtime.stop()
 
 
-@dataclass
-class Work:
-    """The gRPC chain's one message type (its name is its wire name in every process)."""
-
-    task: str
-    text: str
-
-
-def _grpc_hop_class(said: list[str], finished: dict[str, asyncio.Future[None]]) -> Any:
-    from autogen_core import MessageContext, RoutedAgent, TopicId, message_handler
-
-    class Hop(RoutedAgent):
-        """Hop ``index`` (1..5) of the chain; index 0 is the driver's sink."""
-
-        def __init__(self, index: int) -> None:
-            super().__init__(f"hop{index}")
-            self.index = index
-
-        @message_handler
-        async def on_work(self, message: Work, ctx: MessageContext) -> None:
-            if self.index == 0:
-                finished.pop(message.task).set_result(None)
-                return
-            said.append(f"hop{self.index} working on {message.task}")  # "say"
-            if len(said) > 10_000:
-                said.clear()
-            after = "sink" if self.index == HOPS else f"hop{self.index + 1}"
-            await self.publish_message(Work(message.task, "next hop"), TopicId(after, "default"))
-
-    return Hop
-
-
 async def _grpc_worker(address: str, index: int,
                        finished: dict[str, asyncio.Future[None]]) -> Any:
     """A worker runtime hosting hop ``index`` (0: the driver's sink), started."""
@@ -196,7 +169,7 @@ async def _grpc_worker(address: str, index: int,
     runtime = GrpcWorkerAgentRuntime(host_address=address)
     runtime.add_message_serializer(try_get_known_serializers_for_type(Work))
     await runtime.start()
-    hop = _grpc_hop_class([], finished)
+    hop = _autogen_hop_class([], finished, sink=True)
     name = "sink" if index == 0 else f"hop{index}"
     await hop.register(runtime, name, lambda: hop(index))
     await runtime.add_subscription(TypeSubscription(name, name))
