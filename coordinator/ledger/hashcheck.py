@@ -126,6 +126,10 @@ class HashCheck:
         self.wrong: dict[int, WrongHash] = {}
         self._ids: dict[UUID | str, str] = {}  # formatting a UUID costs more than hashing
 
+    def __getstate__(self) -> dict[str, Any]:
+        # What the helper process sends back: the findings, not its cache of ids.
+        return {"events": self.events, "wrong": self.wrong, "_ids": {}}
+
     def add(self, notifications: Sequence[Notification]) -> None:
         wrong, ids = self.wrong, self._ids
         self.events += len(notifications)
