@@ -52,6 +52,7 @@ from coordinator.ledger.events import (
     Kind,
     LedgerEvent,
     Provenance,
+    Sealed,
     stamp,
 )
 from coordinator.ledger.store import Ledger
@@ -456,7 +457,7 @@ class Checkpointer:
         """How many positions up to ``last_position`` no checkpoint covers yet."""
         return max(0, last_position - self.covered)
 
-    def seal(self, ledger: Ledger, now: datetime) -> list[LedgerEvent]:
+    def seal(self, ledger: Ledger, now: datetime) -> list[Sealed]:
         """The checkpoint event for everything stored so far; [] if nothing is new."""
         while self.catch_up(ledger):
             pass

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID, uuid5
 
 from schemas import canonical, uuid5_text
@@ -185,7 +185,15 @@ def aggregate_id_of(aggregate: Aggregate, key: str) -> tuple[UUID, str]:
     return uuid, str(uuid)
 
 
-def stamp(draft: Draft, *, version: int, prev_hash: str, recorded_at: str) -> LedgerEvent:
+class Sealed(NamedTuple):
+    """A stamped event and its stored state: the bytes the ledger's transcoder would make
+    of it (canonical JSON of every field but the originator's), so it is encoded once."""
+
+    event: LedgerEvent
+    stored: bytes
+
+
+def stamp(draft: Draft, *, version: int, prev_hash: str, recorded_at: str) -> Sealed:
     """Place a draft in its sequence and seal it into the chain."""
     aggregate_id, aggregate_text = aggregate_id_of(draft.aggregate, draft.key)
     p = draft.provenance
@@ -203,13 +211,25 @@ def stamp(draft: Draft, *, version: int, prev_hash: str, recorded_at: str) -> Le
         "raw": p.raw,
         "prev_hash": prev_hash,
     }
-    digest = hash_state(prev_hash, aggregate_text, version, canonical(state))
+    body = canonical(state)
+    digest = hash_state(prev_hash, aggregate_text, version, body)
     # Built as eventsourcing's mapper builds events (the frozen dataclass __init__ sets each
     # of its 15 fields through object.__setattr__: a measurable share of the write path).
     event: LedgerEvent = object.__new__(LedgerEvent)
     vars(event).update(state, originator_id=aggregate_id, originator_version=version,
                        hash=digest)
-    return event
+    return Sealed(event, with_hash(body, digest))
+
+
+def with_hash(unhashed_state: bytes, event_hash: str) -> bytes:
+    """The canonical state with its ``hash`` field put back: the inverse of ``unhashed``.
+
+    In canonical order the hash goes right before the top-level ``key``, the last field
+    before it that can hold an object being ``data``: every field after ``key`` is text or
+    null, whose quotes are escaped, so the last ``,"key":`` is the top-level one."""
+    at = unhashed_state.rindex(b',"key":')
+    return b'%s,"hash":"%s"%s' % (unhashed_state[:at], event_hash.encode(),
+                                  unhashed_state[at:])
 
 
 def stored_state(event: LedgerEvent) -> dict[str, Any]:

@@ -13,17 +13,18 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
 import msgspec
-from eventsourcing.application import Application, ProcessingEvent
+from eventsourcing.application import Application
 from eventsourcing.persistence import (
     Notification,
     ProcessRecorder,
     ProgrammingError,
+    StoredEvent,
     Tracking,
     Transcoder,
 )
 from eventsourcing.utils import Environment, EnvType
 
-from coordinator.ledger.events import LedgerEvent
+from coordinator.ledger.events import TOPIC, LedgerEvent, Sealed
 from schemas import LedgermeshError
 
 
@@ -68,14 +69,24 @@ class Ledger(Application[UUID]):
         assert isinstance(self.recorder, ProcessRecorder)
         return self.recorder
 
-    def append(self, events: Sequence[LedgerEvent],
+    def append(self, sealed: Sequence[Sealed],
                tracking: Tracking | None) -> list[Notification]:
         """Store events (and the tracking position) in one transaction; as the log now
-        holds them (positions, and the very bytes stored)."""
-        processing = ProcessingEvent[UUID](tracking=tracking)
-        processing.events.extend(events)
-        recordings = self._record(processing)
-        return [r.notification for r in recordings]
+        holds them (positions, and the very bytes stored).
+
+        Each event's stored state is the one it was sealed with (the bytes its hash was
+        taken over, plus the hash): eventsourcing's mapper would encode it once more."""
+        stored = [StoredEvent(originator_id=s.event.originator_id,
+                              originator_version=s.event.originator_version,
+                              topic=TOPIC, state=s.stored) for s in sealed]
+        positions = self.process_recorder.insert_events(stored, tracking=tracking) or []
+        if len(positions) != len(stored):
+            raise LedgerError(f"the recorder returned {len(positions)} positions for "
+                              f"{len(stored)} events")
+        return [Notification(originator_id=s.originator_id,
+                             originator_version=s.originator_version, topic=s.topic,
+                             state=s.state, id=position)
+                for s, position in zip(stored, positions, strict=True)]
 
     def tracking_position(self, name: str) -> int:
         return self.process_recorder.max_tracking_id(name) or 0

@@ -30,6 +30,7 @@ from coordinator.ledger.events import (
     Draft,
     Kind,
     LedgerEvent,
+    Sealed,
     aggregate_id_of,
     stamp,
 )
@@ -94,7 +95,7 @@ class LedgerWriter:
         top = self.position
         skipped = 0
 
-        def decide_all() -> list[LedgerEvent]:
+        def decide_all() -> list[Sealed]:
             nonlocal top, skipped
             events = self._flush_throttled(now, older_than=1.0)
             for message in batch:
@@ -119,7 +120,7 @@ class LedgerWriter:
         if not due and not self._dropped:
             return Recorded([], [], 0)
 
-        def decide_due() -> list[LedgerEvent]:
+        def decide_due() -> list[Sealed]:
             events = self._flush_throttled(now, older_than=1.0)
             for task_id in due:
                 task = self._task(task_id)
@@ -139,15 +140,15 @@ class LedgerWriter:
                                          lambda: None)
         return Recorded(events, positions, 0)
 
-    def _commit(self, decide_events: Callable[[], list[LedgerEvent]],
+    def _commit(self, decide_events: Callable[[], list[Sealed]],
                 tracking: Callable[[], Tracking | None]) -> tuple[list[LedgerEvent], list[int]]:
         touched_before = set(self._touched)
         try:
-            events = decide_events()
+            sealed = decide_events()
             position = tracking()
-            if not events and position is None:
+            if not sealed and position is None:
                 return [], []
-            stored = self._ledger.append(events, position)
+            stored = self._ledger.append(sealed, position)
         except BaseException:
             # In-memory states were advanced for events that may not be stored: forget
             # them, the next read reloads from the database.
@@ -165,6 +166,7 @@ class LedgerWriter:
         finally:
             touched, self._touched = self._touched, set()
             self._timers_before.clear()
+        events = [s.event for s in sealed]
         if self._on_commit is not None:
             self._on_commit(stored, events)
         # Closed tasks leave the cache once stored (a late message reloads them), so memory
@@ -203,7 +205,7 @@ class LedgerWriter:
                                         f"expected a tool.call body, got {envelope.body}")
         verdict: list[ToolVerdict] = []
 
-        def decide_call() -> list[LedgerEvent]:
+        def decide_call() -> list[Sealed]:
             drafts, outcome = decide_tool_call(principal, data, envelope,
                                                self._task(envelope.task_id), self._policy,
                                                self.suspended)
@@ -219,7 +221,7 @@ class LedgerWriter:
         is what the agent gets, now and on any repeat of the call."""
         now = self._clock()
 
-        def decide_result() -> list[LedgerEvent]:
+        def decide_result() -> list[Sealed]:
             task = self._task(task_id)
             if task is None or task.tool_calls.get(call_id, {}).get("state") != "authorized":
                 return []  # answered already (a repeated call), nothing more to record
@@ -251,9 +253,9 @@ class LedgerWriter:
         self._dropped[principal] = (count + 1, since)
         return False
 
-    def _flush_throttled(self, now: datetime, older_than: float) -> list[LedgerEvent]:
+    def _flush_throttled(self, now: datetime, older_than: float) -> list[Sealed]:
         """One principal.throttled event per principal and window, not one per message."""
-        events: list[LedgerEvent] = []
+        events: list[Sealed] = []
         for principal, (count, since) in sorted(self._dropped.items()):
             if (now - since).total_seconds() >= older_than:
                 del self._dropped[principal]
@@ -261,7 +263,7 @@ class LedgerWriter:
                            for d in decide_throttled(principal, count, since, now)]
         return events
 
-    def _seal(self, draft: Draft, now: datetime) -> LedgerEvent:
+    def _seal(self, draft: Draft, now: datetime) -> Sealed:
         self._touched.add(draft.key)
         state: TaskState | PrincipalState
         if draft.aggregate is Aggregate.TASK:
@@ -275,9 +277,9 @@ class LedgerWriter:
             state = self._principal(draft.key)
         if self._recorded_at[0] is not now:  # one clock reading per batch: format it once
             self._recorded_at = (now, now.isoformat())
-        event = stamp(draft, version=state.version + 1, prev_hash=state.head,
-                      recorded_at=self._recorded_at[1])
-        state.apply(event)
+        sealed = stamp(draft, version=state.version + 1, prev_hash=state.head,
+                       recorded_at=self._recorded_at[1])
+        state.apply(sealed.event)
         if isinstance(state, TaskState):
             self._timers_before.setdefault(draft.key, self.timers.get(draft.key))
             when = state.next_timer()
@@ -288,13 +290,13 @@ class LedgerWriter:
         elif draft.kind in (Kind.SUSPENDED, Kind.RESUMED):
             self.suspended = (self.suspended | {draft.key} if draft.kind == Kind.SUSPENDED
                               else self.suspended - {draft.key})
-        return event
+        return sealed
 
-    def fallout(self, events: list[LedgerEvent], now: datetime) -> list[LedgerEvent]:
+    def fallout(self, events: list[Sealed], now: datetime) -> list[Sealed]:
         """Events that follow from others in the same batch: a suspension fails the
         suspended agent's open tasks (every open task has a timer, so they are all known)."""
-        out: list[LedgerEvent] = []
-        for event in events:
+        out: list[Sealed] = []
+        for event, _ in events:
             if event.kind != Kind.SUSPENDED:
                 continue
             for task_id in sorted(self.timers):
