@@ -234,6 +234,19 @@ class Observed:
     stream_seq: int
 
 
+def _sequence_and_delivered(msg: Msg) -> tuple[int, int]:
+    """A pulled message's stream sequence and delivery count, from its reply subject.
+
+    ``msg.metadata`` reads the same tokens but also builds a datetime and three frozen
+    dataclasses: 8x the time, on every message the coordinator and the agents pull."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
+        return int(tokens[5]), int(tokens[4])
+    meta = msg.metadata  # the longer form (with domain and account), or not JetStream's
+    return meta.sequence.stream, meta.num_delivered
+
+
 class Bus:
     """A NATS connection with the JetStream operations ledgermesh needs."""
 
@@ -480,11 +493,10 @@ class Bus:
                     oldest[0] -= 1
                     if oldest[0] <= 0:
                         pending.popitem(last=False)
-                meta = msg.metadata
+                stream_seq, delivered = _sequence_and_delivered(msg)
                 inbound = Inbound(subject=msg.subject, data=msg.data,
                                   headers=dict(msg.headers or {}),
-                                  stream_seq=meta.sequence.stream,
-                                  delivered=meta.num_delivered, _msg=msg)
+                                  stream_seq=stream_seq, delivered=delivered, _msg=msg)
                 try:
                     # Not ``await out.send``: its checkpoint costs a turn of the event loop
                     # per message. This loop still yields whenever nothing has arrived.
