@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.codec import Codec, canonical
+from schemas.codec import MAX_DEPTH, Codec, canonical
 from schemas.errors import MalformedMessageError
-from schemas.messages import BODY_TYPES, Delivery, Envelope, Say
+from schemas.messages import BODY_TYPES, Delivery, Envelope, Say, SubmitTask
 from tests.strategies import (
     BODY_STRATEGIES,
     deliveries,
@@ -274,3 +274,27 @@ def test_body_without_type_is_rejected() -> None:
         MalformedMessageError, match=r"missing required field `type` - at `\$\.body`"
     ):
         CODEC.decode_envelope(msgspec.json.encode(document), SUBJECT)
+
+
+
+@pytest.mark.parametrize(("open_", "close"), [(b"[", b"]"), (b'{"k":', b"}")])
+def test_nesting_is_refused_exactly_past_the_limit(open_: bytes, close: bytes) -> None:
+    # The body is level 0 and the payload level 1: ``levels`` containers inside the payload
+    # reach depth 1 + levels, and depth MAX_DEPTH is one past what is allowed.
+    def submit(levels: int) -> bytes:
+        data = canonical(Envelope(id="e-1", sender="client", task_id="t-1",
+                                  sent_at=ENVELOPE.sent_at,
+                                  body=SubmitTask(to="writer", title="t",
+                                                  payload={"p": "__x__"})))
+        return data.replace(b'"__x__"', open_ * levels + b"1" + close * levels)
+
+    assert CODEC.decode_envelope(submit(MAX_DEPTH - 2), SUBJECT).body is not None
+    with pytest.raises(MalformedMessageError, match="nested deeper than"):
+        CODEC.decode_envelope(submit(MAX_DEPTH - 1), SUBJECT)
+
+
+def test_brackets_inside_text_do_not_count_as_nesting() -> None:
+    # Counting brackets in the bytes only decides whether to walk the body: text full
+    # of them is walked and found flat.
+    data = canonical(msgspec.structs.replace(ENVELOPE, body=Say(text="[{" * 500)))
+    assert CODEC.decode_envelope(data, SUBJECT).body == Say(text="[{" * 500)
