@@ -17,13 +17,14 @@ from coordinator.health import Health
 from coordinator.ledger.checkpoints import Checkpointer
 from coordinator.ledger.store import Ledger
 from coordinator.ledger.writer import LedgerWriter
+from coordinator.ledger_thread import LedgerThread
 from coordinator.signals import Doorbell
 
 log = logging.getLogger("ledgermesh.coordinator.checkpointer")
 
 
 async def serve_checkpoints(writer: LedgerWriter, ledger: Ledger,
-                            limiter: anyio.CapacityLimiter, relay: Doorbell, health: Health,
+                            writes: LedgerThread, relay: Doorbell, health: Health,
                             checkpointer: Checkpointer, *, every_events: int = 1000,
                             every_s: float = 30.0, poll: float = 0.5,
                             task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -33,29 +34,28 @@ async def serve_checkpoints(writer: LedgerWriter, ledger: Ledger,
     # The running global head: one pass over the log, a page per turn of the writer thread
     # so that intake is not held up on a long ledger.
     try:
-        while await anyio.to_thread.run_sync(checkpointer.catch_up, ledger, limiter=limiter):
+        while await writes.run(checkpointer.catch_up, ledger):
             pass
     except Exception as exc:  # recording catches up anyway; this only spreads the work
         log.warning("cannot read the ledger for checkpoints yet: %s", exc)
     last_at = anyio.current_time()
-    await _serve(writer, ledger, limiter, relay, health, checkpointer, every_events, every_s,
+    await _serve(writer, ledger, writes, relay, health, checkpointer, every_events, every_s,
                  poll, last_at)
 
 
-async def _serve(writer: LedgerWriter, ledger: Ledger, limiter: anyio.CapacityLimiter,
+async def _serve(writer: LedgerWriter, ledger: Ledger, writes: LedgerThread,
                  relay: Doorbell, health: Health, checkpointer: Checkpointer,
                  every_events: int, every_s: float, poll: float, last_at: float) -> None:
     while True:
         await anyio.sleep(min(poll, every_s))
         try:
-            last = await anyio.to_thread.run_sync(ledger.last_position, limiter=limiter)
+            last = await writes.run(ledger.last_position)
             pending = checkpointer.pending(last)
             due = pending >= every_events or (
                 pending > 0 and anyio.current_time() - last_at >= every_s)
             if not due:
                 continue
-            recorded = await anyio.to_thread.run_sync(writer.record_checkpoint, checkpointer,
-                                                      limiter=limiter)
+            recorded = await writes.run(writer.record_checkpoint, checkpointer)
         except Exception as exc:  # the ledger's driver errors vary by backend
             health.ledger_error(f"{type(exc).__name__}: {exc}")
             log.error("cannot record a checkpoint (will retry): %s", exc)

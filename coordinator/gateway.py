@@ -16,6 +16,7 @@ from anyio.abc import TaskStatus
 
 from bus.client import Bus, BusError
 from coordinator.ledger.writer import LedgerWriter
+from coordinator.ledger_thread import LedgerThread
 from coordinator.policy import Policy
 from coordinator.signals import Doorbell
 from schemas import Failure, LedgermeshError, Subjects, ToolInvocation, ToolOutcome
@@ -26,15 +27,14 @@ _outcome = msgspec.json.Decoder(ToolOutcome)
 _encode = msgspec.json.Encoder().encode
 
 
-async def serve_gateway(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLimiter,
+async def serve_gateway(bus: Bus, writer: LedgerWriter, writes: LedgerThread,
                         subjects: Subjects, policy: Policy, relay: Doorbell, *,
                         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
 
     async def handle(subject: str, data: bytes) -> bytes:
         principal = subject.rsplit(".", 1)[-1]
         try:
-            verdict = await anyio.to_thread.run_sync(writer.record_tool_call, principal, data,
-                                                     limiter=limiter)
+            verdict = await writes.run(writer.record_tool_call, principal, data)
         except LedgermeshError as exc:  # unreadable call: answered, and nothing recorded
             return _encode(ToolOutcome(ok=False, error=Failure(type="malformed",
                                                                message=str(exc))))
@@ -43,9 +43,8 @@ async def serve_gateway(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityL
             return _encode(verdict.answer)
         assert verdict.run is not None
         outcome = await _run(bus, subjects, policy, verdict.run)
-        outcome = await anyio.to_thread.run_sync(writer.record_tool_result,
-                                                 verdict.run.task_id, verdict.run.call_id,
-                                                 outcome, limiter=limiter)
+        outcome = await writes.run(writer.record_tool_result, verdict.run.task_id,
+                                   verdict.run.call_id, outcome)
         relay.ring()
         return _encode(outcome)
 

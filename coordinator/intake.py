@@ -17,13 +17,14 @@ from bus.faults import NO_CRASH, CrashPoints
 from bus.topology import coordinator_consumer
 from coordinator.health import Health
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter
+from coordinator.ledger_thread import LedgerThread
 from coordinator.signals import Doorbell
 from schemas import Subjects
 
 log = logging.getLogger("ledgermesh.coordinator.intake")
 
 
-async def serve_intake(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLimiter,
+async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerThread,
                        subjects: Subjects, relay: Doorbell, health: Health,
                        batch_max: int = 256, crash: CrashPoints = NO_CRASH, *,
                        linger: float = 0.0005,
@@ -33,8 +34,13 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLi
         await tg.start(bus.serve_pull, coordinator_consumer(subjects), send)
         task_status.started()
         while True:
-            batch = [await receive.receive()]
+            batch: list[Inbound] = []
+            # What waited during the last commit is taken without a turn of the event loop:
+            # the writer starts on it at once, while the relay publishes the last commit.
             _take_waiting(receive, batch, batch_max)
+            if not batch:
+                batch.append(await receive.receive())
+                _take_waiting(receive, batch, batch_max)
             if len(batch) == 1 and linger > 0:
                 # A lone message often has company on the way (an agent's say is followed
                 # by its handoff, stored a moment later): a short wait for it saves a
@@ -44,7 +50,7 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, limiter: anyio.CapacityLi
                 _take_waiting(receive, batch, batch_max)
             crash.reached("coordinator.after_receive", batch[0].data)
             messages = await _in_stream_order(bus, subjects, writer.position, batch)
-            await _record_until_stored(messages, writer, limiter, health)
+            await _record_until_stored(messages, writer, writes, health)
             relay.ring()  # recorded: the relay may publish while the acks go out
             crash.reached("coordinator.after_commit", batch[0].data)
             for message in batch:
@@ -90,7 +96,7 @@ async def _in_stream_order(bus: Bus, subjects: Subjects, position: int,
 
 
 async def _record_until_stored(messages: list[IntakeMessage], writer: LedgerWriter,
-                               limiter: anyio.CapacityLimiter, health: Health) -> None:
+                               writes: LedgerThread, health: Health) -> None:
     """Record the batch, retrying with backoff while the ledger cannot be written.
 
     Nothing is acked meanwhile, so the messages wait in the intake stream.
@@ -98,7 +104,7 @@ async def _record_until_stored(messages: list[IntakeMessage], writer: LedgerWrit
     delay = 0.1
     while True:
         try:
-            recorded = await anyio.to_thread.run_sync(writer.record, messages, limiter=limiter)
+            recorded = await writes.run(writer.record, messages)
         except Exception as exc:  # the ledger's driver errors vary by backend
             health.ledger_error(f"{type(exc).__name__}: {exc}")
             log.error("cannot record %d intake messages (retrying in %.1fs): %s",

@@ -25,6 +25,7 @@ from coordinator.ledger.events import LedgerEvent
 from coordinator.ledger.feed import CommitFeed
 from coordinator.ledger.store import open_ledger
 from coordinator.ledger.writer import LedgerWriter
+from coordinator.ledger_thread import LedgerThread
 from coordinator.policy import Policy
 from coordinator.relay import serve_relay
 from coordinator.signals import Doorbell
@@ -60,6 +61,7 @@ async def run_coordinator(settings: CoordinatorSettings, *,
     ledger = await anyio.to_thread.run_sync(
         lambda: open_ledger(settings.ledger, create=True))
     health = Health()
+    writes = LedgerThread()  # every write to the ledger, one at a time
     try:
         signer = await anyio.to_thread.run_sync(
             lambda: load_signer(settings.signing_seed, settings.ledger))
@@ -72,10 +74,8 @@ async def run_coordinator(settings: CoordinatorSettings, *,
             feed.add(stored)
             checkpointer.follow(stored, events)
 
-        writer = await anyio.to_thread.run_sync(
-            lambda: LedgerWriter(ledger, settings.policy, subjects, settings.clock,
-                                 on_commit=on_commit))
-        limiter = anyio.CapacityLimiter(1)  # one writer thread per ledger
+        writer = await writes.run(lambda: LedgerWriter(ledger, settings.policy, subjects,
+                                                       settings.clock, on_commit=on_commit))
         doorbell = Doorbell()
 
         def on_bus_event(text: str) -> None:
@@ -102,14 +102,14 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                 # log, it does on its own thread (WAL lets it read while the writer commits).
                 await tg.start(partial(serve_relay, bus, ledger, anyio.CapacityLimiter(1),
                                        subjects, doorbell, health, settings.crash, feed=feed))
-                await tg.start(serve_intake, bus, writer, limiter, subjects, doorbell, health,
+                await tg.start(serve_intake, bus, writer, writes, subjects, doorbell, health,
                                settings.batch_max, settings.crash)
-                await tg.start(serve_timer, writer, limiter, doorbell, health)
-                await tg.start(partial(serve_checkpoints, writer, ledger, limiter, doorbell,
+                await tg.start(serve_timer, writer, writes, doorbell, health)
+                await tg.start(partial(serve_checkpoints, writer, ledger, writes, doorbell,
                                        health, checkpointer,
                                        every_events=settings.checkpoint_every,
                                        every_s=settings.checkpoint_interval_s))
-                await tg.start(serve_gateway, bus, writer, limiter, subjects, settings.policy,
+                await tg.start(serve_gateway, bus, writer, writes, subjects, settings.policy,
                                doorbell)
                 await bus.add_service(subjects.service("coordinator"), "0.1.0",
                                       "ledgermesh coordinator", {"prefix": subjects.prefix},
@@ -118,4 +118,5 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                          settings.ledger, writer.position)
                 task_status.started()
     finally:
+        writes.close()
         ledger.close()

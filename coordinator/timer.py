@@ -9,19 +9,20 @@ from anyio.abc import TaskStatus
 
 from coordinator.health import Health
 from coordinator.ledger.writer import LedgerWriter
+from coordinator.ledger_thread import LedgerThread
 from coordinator.signals import Doorbell
 
 log = logging.getLogger("ledgermesh.coordinator.timer")
 
 
-async def serve_timer(writer: LedgerWriter, limiter: anyio.CapacityLimiter, relay: Doorbell,
+async def serve_timer(writer: LedgerWriter, writes: LedgerThread, relay: Doorbell,
                       health: Health, interval: float = 0.2, *,
                       task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     task_status.started()
     while True:
         await anyio.sleep(interval)
         try:
-            recorded = await anyio.to_thread.run_sync(writer.tick, limiter=limiter)
+            recorded = await writes.run(writer.tick)
         except Exception as exc:  # the ledger's driver errors vary by backend
             health.ledger_error(f"{type(exc).__name__}: {exc}")
             log.error("cannot record timer decisions (will retry): %s", exc)
