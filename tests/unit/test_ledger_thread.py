@@ -1,0 +1,75 @@
+"""The ledger thread: calls run one at a time, in the order asked, on one thread; a
+cancelled caller still waits for its call to end (no commit left running unowned)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+
+from coordinator.ledger_thread import LedgerThread
+
+
+async def test_calls_run_one_at_a_time_in_order_on_one_thread() -> None:
+    writes = LedgerThread()
+    running, seen, threads = [0], [], set()
+
+    def call(i: int) -> int:
+        running[0] += 1
+        assert running[0] == 1, "two calls at once"
+        threads.add(threading.get_ident())
+        time.sleep(0.002)
+        seen.append(i)
+        running[0] -= 1
+        return i * i
+
+    results: dict[int, int] = {}
+
+    async def ask(i: int) -> None:
+        results[i] = await writes.run(call, i)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(ask, i)
+    finally:
+        writes.close()
+    assert seen == list(range(20))  # queued in the order asked
+    assert results == {i: i * i for i in range(20)}
+    assert len(threads) == 1
+    assert threading.get_ident() not in threads
+
+
+async def test_a_cancelled_caller_waits_for_its_call_to_end() -> None:
+    writes = LedgerThread()
+    finished = threading.Event()
+
+    def commit() -> None:
+        time.sleep(0.3)
+        finished.set()
+
+    try:
+        with anyio.move_on_after(0.05) as scope:
+            await writes.run(commit)  # the deadline passes meanwhile
+            ended_first = finished.is_set()
+            await anyio.sleep(5)  # where the pending cancellation lands
+        assert scope.cancelled_caught
+        assert ended_first
+    finally:
+        writes.close()
+
+
+async def test_an_exception_in_the_call_reaches_the_caller() -> None:
+    writes = LedgerThread()
+
+    def broken() -> None:
+        raise ValueError("disk full")
+
+    try:
+        with pytest.raises(ValueError, match="disk full"):
+            await writes.run(broken)
+        assert await writes.run(lambda: 42) == 42  # the thread goes on
+    finally:
+        writes.close()
