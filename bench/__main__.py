@@ -479,7 +479,7 @@ class Bench:
                 row["replay_ledger"] = {
                     "events": rep["events"],
                     "built_by": long["built_by"] if long else
-                    "the real system: the last run's ledger (no long run in this mode)"}
+                    "the real system: the last run's ledger (no long run on this backend)"}
             long = longs.get(backend)
             if long is not None:
                 row["rss_flatness"] = {k: long[k] for k in ("ledger_events", "built_by",
