@@ -293,17 +293,47 @@ class Bus:
             await self._call(self._js.add_stream(config), f"create stream {spec.name}")
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
+        """Create the durable consumer, or update the settings of the one there.
+
+        Where it starts delivering is fixed when it is made (``spec.start_after``). An
+        ack policy cannot be changed in place: a consumer with another one (made by an
+        older ledgermesh) is replaced by one that starts after ``spec.start_after``."""
+        ack_policy = api.AckPolicy.ALL if spec.ack_all else api.AckPolicy.EXPLICIT
+        what = f"create consumer {spec.durable} on {spec.stream}"
+        try:
+            existing: api.ConsumerConfig | None = (
+                await self._js.consumer_info(spec.stream, spec.durable)).config
+        except nats.js.errors.NotFoundError:
+            existing = None
+        except nats.js.errors.APIError as exc:
+            raise BusError(f"cannot {what}: {exc.description}") from exc
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise BusError(f"cannot {what}: no answer from NATS (is JetStream enabled, "
+                           "and are you allowed to?)") from exc
+        if existing is not None and existing.ack_policy != ack_policy:
+            log.warning("replacing consumer %s on %s (ack policy %s, now %s); it delivers "
+                        "from stream sequence %d on", spec.durable, spec.stream,
+                        existing.ack_policy, ack_policy, spec.start_after + 1)
+            await self._call(self._js.delete_consumer(spec.stream, spec.durable),
+                             f"replace consumer {spec.durable} on {spec.stream}")
+            existing = None
+        if existing is not None:  # keep where it delivers from: that is not editable
+            deliver_policy, start = existing.deliver_policy, existing.opt_start_seq
+        elif spec.start_after > 0:
+            deliver_policy, start = api.DeliverPolicy.BY_START_SEQUENCE, spec.start_after + 1
+        else:
+            deliver_policy, start = api.DeliverPolicy.ALL, None
         config = api.ConsumerConfig(
             durable_name=spec.durable,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=ack_policy,
+            deliver_policy=deliver_policy,
+            opt_start_seq=start,
             filter_subject=spec.filter_subject,
             ack_wait=spec.ack_wait_s,
             max_ack_pending=spec.max_ack_pending,
             max_deliver=-1,
         )
-        await self._call(self._js.add_consumer(spec.stream, config),
-                         f"create consumer {spec.durable} on {spec.stream}")
+        await self._call(self._js.add_consumer(spec.stream, config), what)
 
     async def _call(self, coro: Awaitable[Any], what: str) -> Any:
         try:

@@ -26,6 +26,11 @@ class ConsumerSpec:
     filter_subject: str
     ack_wait_s: float = 30.0
     max_ack_pending: int = 10_000
+    # One ack covers every message up to it (so a batch takes one ack, not one per
+    # message); only for a consumer whose single reader handles messages in order.
+    ack_all: bool = False
+    # When the consumer is created: deliver from the stream sequence after this (0: all).
+    start_after: int = 0
 
 
 def streams(subjects: Subjects, max_msg_size: int = -1) -> tuple[StreamSpec, ...]:
@@ -40,9 +45,11 @@ def streams(subjects: Subjects, max_msg_size: int = -1) -> tuple[StreamSpec, ...
     )
 
 
-def coordinator_consumer(subjects: Subjects) -> ConsumerSpec:
+def coordinator_consumer(subjects: Subjects, start_after: int = 0) -> ConsumerSpec:
+    """The coordinator's intake consumer; ``start_after``: the recorded intake position
+    (a consumer made anew need not deliver what the ledger already holds)."""
     return ConsumerSpec(subjects.intake_stream, subjects.coordinator_consumer,
-                        subjects.intake_all)
+                        subjects.intake_all, ack_all=True, start_after=start_after)
 
 
 def agent_consumer(subjects: Subjects, agent: str, ack_wait_s: float = 30.0) -> ConsumerSpec:

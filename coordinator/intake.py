@@ -31,7 +31,8 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerThread,
                        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=batch_max * 2)
     async with anyio.create_task_group() as tg, receive:
-        await tg.start(bus.serve_pull, coordinator_consumer(subjects), send)
+        consumer = coordinator_consumer(subjects)
+        await tg.start(bus.serve_pull, consumer, send)
         task_status.started()
         while True:
             batch: list[Inbound] = []
@@ -53,8 +54,14 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerThread,
             await _record_until_stored(messages, writer, writes, health)
             relay.ring()  # recorded: the relay may publish while the acks go out
             crash.reached("coordinator.after_commit", batch[0].data)
-            for message in batch:
-                await message.ack()  # buffered, not awaited one by one: the next batch starts
+            # Buffered, not awaited: the next batch starts meanwhile.
+            if consumer.ack_all:
+                # One ack for the batch: it covers every message up to the newest in the
+                # stream, and everything up to there is recorded (the gaps were read above).
+                await max(batch, key=lambda m: m.stream_seq).ack()
+            else:
+                for message in batch:
+                    await message.ack()
 
 
 def _take_waiting(receive: MemoryObjectReceiveStream[Inbound], batch: list[Inbound],

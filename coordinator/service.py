@@ -90,7 +90,7 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                                       settings.credentials)
         async with open_bus(bus_settings, on_bus_event) as bus:
             await bus.ensure_streams(streams(subjects, settings.policy.max_payload_bytes * 2))
-            await bus.ensure_consumer(coordinator_consumer(subjects))
+            await bus.ensure_consumer(coordinator_consumer(subjects, writer.position))
             for name, agent in settings.policy.agents.items():
                 # Redeliver an unacked delivery only well after the agent's deadline: a
                 # retry is the timer's decision, recorded, not the broker's; a late copy of

@@ -223,6 +223,48 @@ async def test_same_envelope_sent_twice_is_recorded_once(
         assert [m.subject for m in deliveries] == [h.subjects.deliver("triage")]
 
 
+async def test_an_intake_consumer_with_per_message_acks_is_replaced_after_the_record(
+    nats_server: EmbeddedNats, prefix: str, db: str
+) -> None:
+    """A consumer made by an older coordinator (explicit acks, delivering everything) is
+    replaced by one acking whole batches, which starts after the recorded position: the
+    history is not delivered again, and what comes next is recorded and acked."""
+    async with harness(nats_server, prefix, db) as h:
+        async with coordinator(h.settings):
+            for i in range(3):
+                ack = await h.say("client", submit(f"env-{i}", f"t{i}"))
+            await h.recorded(ack)
+        recorded = ack.seq
+        await h.js.delete_consumer(h.subjects.intake_stream, h.subjects.coordinator_consumer)
+        await h.js.add_consumer(h.subjects.intake_stream, api.ConsumerConfig(
+            durable_name=h.subjects.coordinator_consumer, ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL, filter_subject=h.subjects.intake_all,
+            ack_wait=30, max_ack_pending=10_000, max_deliver=-1))
+        before = h.events()
+
+        async with coordinator(h.settings):
+            info = await h.js.consumer_info(h.subjects.intake_stream,
+                                            h.subjects.coordinator_consumer)
+            assert info.config.ack_policy == api.AckPolicy.ALL
+            assert info.config.deliver_policy == api.DeliverPolicy.BY_START_SEQUENCE
+            assert info.config.opt_start_seq == recorded + 1
+            late = await h.say("client", submit("env-9", "t9"))
+            await h.recorded(late)
+            with anyio.fail_after(TIMEOUT):
+                while True:
+                    info = await h.js.consumer_info(h.subjects.intake_stream,
+                                                    h.subjects.coordinator_consumer)
+                    if info.ack_floor.stream_seq == late.seq:
+                        break
+                    await anyio.sleep(POLL)
+            assert info.delivered.consumer_seq == 1  # only the new message
+            assert info.num_ack_pending == 0
+        after = h.events()
+        assert after[: len(before)] == before
+        assert [(s["key"], s["kind"]) for _, s in after[len(before):]] == [
+            ("t9", Kind.SUBMITTED), ("t9", Kind.ASSIGNED)]
+
+
 async def test_redelivered_intake_after_restart_is_a_no_op(
     nats_server: EmbeddedNats, prefix: str, db: str
 ) -> None:
@@ -242,8 +284,10 @@ async def test_redelivered_intake_after_restart_is_a_no_op(
         before = h.events()
         assert len(before) == 8
 
-        # The durable consumer forgets what was acked: it will deliver from seq 1 again.
+        # The durable consumer forgets what was acked: made anew delivering from seq 1 (a
+        # coordinator would start it after the recorded position), it delivers it all again.
         await h.js.delete_consumer(h.subjects.intake_stream, h.subjects.coordinator_consumer)
+        await h.bus.ensure_consumer(coordinator_consumer(h.subjects))
 
         async with coordinator(h.settings):
             # Same envelope again, under a new Nats-Msg-Id (past JetStream's dedup), after
