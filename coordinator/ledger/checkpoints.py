@@ -78,11 +78,16 @@ class CheckpointError(LedgermeshError):
 # -- the global chain -------------------------------------------------------------------
 def global_link(head: str, event_hash: str) -> str:
     """The global head after an event whose stored ``hash`` is ``event_hash``."""
+    return _link(bytes.fromhex(head), event_hash).hex()
+
+
+def _link(head: bytes, event_hash: str) -> bytes:
+    """``global_link`` on the head's bytes: replay links every event, and keeps them so."""
     try:
         tail = bytes.fromhex(event_hash)
     except ValueError:  # not a hash (a damaged event): still a deterministic link
         tail = event_hash.encode()
-    return hashlib.sha256(bytes.fromhex(head) + tail).hexdigest()
+    return hashlib.sha256(head + tail).digest()
 
 
 class _Link(msgspec.Struct):
@@ -309,13 +314,13 @@ class GlobalChain:
     def __init__(self, trusted_keys: Iterable[str] | None = None,
                  against: Iterable[Checkpoint] = ()) -> None:
         self.trusted = None if trusted_keys is None else frozenset(trusted_keys)
-        self.head = GENESIS
+        self._head = bytes.fromhex(GENESIS)
         self.position = 0
         self.checkpoints = 0  # checkpoint events that verified
         self.last: Checkpoint | None = None  # the newest of them
         self.keys: set[str] = set()  # who signed them
         self.anchored = 0  # external checkpoints the ledger matched
-        self._recent: OrderedDict[int, str] = OrderedDict()
+        self._recent: OrderedDict[int, bytes] = OrderedDict()  # position -> head
         self._matched = 0  # newest position a checkpoint confirmed
         self._rejected: list[tuple[Checkpoint, str]] = []
         anchors = []
@@ -326,6 +331,11 @@ class GlobalChain:
             else:
                 self._rejected.append((checkpoint, problem))
         self._anchors = sorted(anchors, key=lambda c: c.position)
+
+    @property
+    def head(self) -> str:
+        """The global chain's head after the last position linked."""
+        return self._head.hex()
 
     @property
     def unsigned(self) -> int:
@@ -347,7 +357,7 @@ class GlobalChain:
             missing = self._anchors.pop(0)
             problems.append(f"position {missing.position}, covered by a signed checkpoint, "
                             "is missing: events were deleted")
-        self.head = head = global_link(self.head, event_hash)
+        self._head = head = _link(self._head, event_hash)
         self.position = position
         recent = self._recent
         recent[position] = head
@@ -355,7 +365,7 @@ class GlobalChain:
             recent.popitem(last=False)
         while self._anchors and self._anchors[0].position == position:
             anchor = self._anchors.pop(0)
-            problem = self._compare(anchor, self.head, "external signed checkpoint")
+            problem = self._compare(anchor, head, "external signed checkpoint")
             if problem is None:
                 self.anchored += 1
             else:
@@ -386,7 +396,8 @@ class GlobalChain:
             self.last = checkpoint
         return None
 
-    def _compare(self, checkpoint: Checkpoint, head: str, what: str) -> str | None:
+    def _compare(self, checkpoint: Checkpoint, head_bytes: bytes, what: str) -> str | None:
+        head = head_bytes.hex()
         if head == checkpoint.global_head:
             self._matched = max(self._matched, checkpoint.position)
             return None

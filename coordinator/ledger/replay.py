@@ -197,16 +197,19 @@ class _Fold:
         self.replay = Replay(chain=chain)
         self.links: list[Break] = []
         self.chain_breaks: list[Break] = []
-        self._heads: dict[UUID | str, tuple[int, str]] = {}
+        # Keyed by the aggregate id's integer: a UUID key hashes and compares in Python.
+        self._heads: dict[int | str, tuple[int, str]] = {}
 
     def add(self, notifications: Sequence[Notification]) -> None:
         """The hot loop of replay: kept lean (locals, no calls it can do without)."""
         result, links, chain_breaks, heads = (self.replay, self.links, self.chain_breaks,
                                               self._heads)
         chain, tasks, principals = result.chain, result.tasks, result.principals
+        if notifications:
+            result.events += len(notifications)
+            result.position = notifications[-1].id
         for n in notifications:
-            result.events += 1
-            result.position = n.id
+            aggregate_id = _id_key(n.originator_id)
             try:
                 event = _read_stored(n.state)
             except msgspec.DecodeError as exc:
@@ -214,13 +217,13 @@ class _Fold:
                                    f"stored event is unreadable: {exc}"))
                 continue
             event.originator_version = n.originator_version
-            version, previous = heads.get(n.originator_id, (0, GENESIS))
+            version, previous = heads.get(aggregate_id, (0, GENESIS))
             problem = (f"unexpected topic {n.topic}" if n.topic != TOPIC
                        else _sequence_problem(event.originator_version, event.prev_hash,
                                               version, previous))
             if problem is not None:
                 links.append(Break(n.id, event.aggregate, event.key, event.kind, problem))
-            heads[n.originator_id] = (event.originator_version, event.hash)
+            heads[aggregate_id] = (event.originator_version, event.hash)
             problems = chain.link(n.id, event.hash)
             if problems:
                 chain_breaks += [Break(n.id, event.aggregate, event.key, event.kind, why)
@@ -241,6 +244,10 @@ class _Fold:
                 if principal is None:
                     principal = principals[event.key] = PrincipalState(name=event.key)
                 principal.apply(event)
+
+
+def _id_key(originator_id: UUID | str) -> int | str:
+    return originator_id.int if isinstance(originator_id, UUID) else originator_id
 
 
 def _merged(folded: _Fold, checked: HashCheck) -> list[Break]:

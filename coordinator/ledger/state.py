@@ -7,6 +7,7 @@ back from the database. Both must arrive at byte-identical state (see ``digest``
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -87,66 +88,112 @@ class TaskState(msgspec.Struct, kw_only=True):
         kind = event.kind
         if event.msg_id:
             self.seen.add(event.msg_id)
-        if kind == Kind.SUBMITTED:
-            self.title = data["title"]
-            self.input = data["input"]
-            self.submitter = event.sender
-        elif kind == Kind.ASSIGNED:
-            self.status = "assigned"
-            self.owner = data["agent"]
-            self.attempt = data["attempt"]
-            self.tries = data["tries"]
-            self.deadline = data["deadline"]
-            self.retry_at = None
-            self.cause = data["delivery"]
-            if self.owner not in self.participants:
-                self.participants.append(data["agent"])
-        elif kind in (Kind.TIMED_OUT, Kind.ATTEMPT_FAILED):
-            self.status = "retrying"
-            self.deadline = None
-            self.retry_at = data["retry_at"]
-        elif kind == Kind.HANDOFF_REQUESTED:
-            self.hops += 1
-            self.offer = Offer(
-                request_id=event.msg_id, by=event.sender, to=data["to"], reason=data["reason"]
-            )
-        elif kind in (Kind.HANDOFF_ACCEPTED, Kind.HANDOFF_DECLINED):
-            self.offer = None
-        elif kind == Kind.COMPLETED:
-            self.status = "completed"
-            self.result = data["result"]
-            self.owner = None
-            self.deadline = self.retry_at = None
-        elif kind == Kind.FAILED:
-            self.status = "failed"
-            self.failure = data["reason"]
-            self.owner = None
-            self.deadline = self.retry_at = None
-        elif kind == Kind.REJECTED:
-            self.rejections += 1
-        elif kind == Kind.TOOL_DENIED:
-            self.tool_calls[data["call_id"]] = {"state": "denied", "rule": data["rule"],
-                                                "reason": data["reason"]}
-        elif kind == Kind.TOOL_AUTHORIZED:
-            self.tool_calls[data["call_id"]] = {"state": "authorized", "tool": data["tool"],
-                                                "args": data["args"]}
-        elif kind == Kind.TOOL_COMPLETED:
-            outcome = data["outcome"]
-            error = outcome.get("error") or {}
-            # A retryable failure (no tool host yet, a crashing tool) is not the final
-            # answer: the same call, repeated, runs again. Anything else is final.
-            retry = not outcome["ok"] and error.get("retryable", False)
-            self.tool_calls[data["call_id"]] = (
-                {**self.tool_calls.get(data["call_id"], {}), "state": "authorized"} if retry
-                else {"state": "done", "outcome": outcome})
-        elif kind == Kind.TOOL_APPROVED and data["tool"] not in self.approvals:
-            self.approvals.append(data["tool"])
+        fold = _TASK_FOLDS.get(kind)  # one lookup, not a comparison per kind
+        if fold is not None:
+            fold(self, event, data)
         for label in data.get("labels", ()):
             if label not in self.labels:
                 self.labels.append(label)
         self.version = event.originator_version
         self.head = event.hash
         self.last_kind = kind
+
+
+def _submitted(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
+    task.title = data["title"]
+    task.input = data["input"]
+    task.submitter = event.sender
+
+
+def _assigned(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
+    task.status = "assigned"
+    task.owner = data["agent"]
+    task.attempt = data["attempt"]
+    task.tries = data["tries"]
+    task.deadline = data["deadline"]
+    task.retry_at = None
+    task.cause = data["delivery"]
+    if task.owner not in task.participants:
+        task.participants.append(data["agent"])
+
+
+def _attempt_ended(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
+    task.status = "retrying"
+    task.deadline = None
+    task.retry_at = data["retry_at"]
+
+
+def _handoff_requested(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
+    task.hops += 1
+    task.offer = Offer(request_id=event.msg_id, by=event.sender, to=data["to"],
+                       reason=data["reason"])
+
+
+def _handoff_decided(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
+    task.offer = None
+
+
+def _completed(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
+    task.status = "completed"
+    task.result = data["result"]
+    task.owner = None
+    task.deadline = task.retry_at = None
+
+
+def _failed(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
+    task.status = "failed"
+    task.failure = data["reason"]
+    task.owner = None
+    task.deadline = task.retry_at = None
+
+
+def _rejected(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
+    task.rejections += 1
+
+
+def _tool_denied(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
+    task.tool_calls[data["call_id"]] = {"state": "denied", "rule": data["rule"],
+                                        "reason": data["reason"]}
+
+
+def _tool_authorized(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
+    task.tool_calls[data["call_id"]] = {"state": "authorized", "tool": data["tool"],
+                                        "args": data["args"]}
+
+
+def _tool_completed(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
+    outcome = data["outcome"]
+    error = outcome.get("error") or {}
+    # A retryable failure (no tool host yet, a crashing tool) is not the final answer:
+    # the same call, repeated, runs again. Anything else is final.
+    retry = not outcome["ok"] and error.get("retryable", False)
+    task.tool_calls[data["call_id"]] = (
+        {**task.tool_calls.get(data["call_id"], {}), "state": "authorized"} if retry
+        else {"state": "done", "outcome": outcome})
+
+
+def _tool_approved(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
+    if data["tool"] not in task.approvals:
+        task.approvals.append(data["tool"])
+
+
+# What each kind of event does to a task (kinds not here change only the common fields).
+_TASK_FOLDS: dict[str, Callable[[TaskState, Recorded, dict[str, Any]], None]] = {
+    Kind.SUBMITTED: _submitted,
+    Kind.ASSIGNED: _assigned,
+    Kind.TIMED_OUT: _attempt_ended,
+    Kind.ATTEMPT_FAILED: _attempt_ended,
+    Kind.HANDOFF_REQUESTED: _handoff_requested,
+    Kind.HANDOFF_ACCEPTED: _handoff_decided,
+    Kind.HANDOFF_DECLINED: _handoff_decided,
+    Kind.COMPLETED: _completed,
+    Kind.FAILED: _failed,
+    Kind.REJECTED: _rejected,
+    Kind.TOOL_DENIED: _tool_denied,
+    Kind.TOOL_AUTHORIZED: _tool_authorized,
+    Kind.TOOL_COMPLETED: _tool_completed,
+    Kind.TOOL_APPROVED: _tool_approved,
+}
 
 
 class PrincipalState(msgspec.Struct, kw_only=True):
