@@ -4,6 +4,7 @@ one clear line (the traceback only with ``--debug``)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -175,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--rotate", action="store_true",
                           help="new seeds for everyone (default: keep existing seed files)")
 
+    # Its arguments are the harness's own (`ledgermesh bench --help` shows them).
+    commands.add_parser("bench", add_help=False,
+                        help="measure the handoff chain against the physical limit and peer "
+                             "frameworks (in a source checkout; = python -m bench)")
+
     policy = commands.add_parser("policy", help="ledgermesh.toml")
     policy_commands = policy.add_subparsers(dest="action", metavar="ACTION", required=True)
     check = policy_commands.add_parser("check", help="validate a policy file")
@@ -264,12 +270,17 @@ def run(args: argparse.Namespace) -> int:
         from ledgermesh.inspect import policy_check
 
         return policy_check(args.file)
+    if args.command == "bench":
+        return _bench(args.bench_args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "bench" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.bench_args = extra
     service = getattr(args, "action", None) == "run"  # long-running: log what happens
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.INFO if service else logging.WARNING),
@@ -284,6 +295,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _bench(argv: list[str]) -> int:
+    """Run the benchmark harness, ``bench/`` beside this package in a source checkout (it
+    is not installed: it spawns agents from its own modules and measures peers)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "__main__.py").is_file():
+        raise ValueError("the benchmark harness is the bench/ directory of a ledgermesh "
+                         "source checkout: clone it, `pip install -e .` there, then run "
+                         "`ledgermesh bench` (or `python -m bench`)")
+    sys.path.insert(0, str(root))
+    harness = importlib.import_module("bench.__main__")  # not a dependency of the package
+    return int(harness.main(argv))
 
 
 def _user_error(exc: BaseException) -> BaseException | None:

@@ -173,3 +173,16 @@ def test_a_truncated_ledger_is_caught_by_a_saved_checkpoint(
     assert done.returncode == 1
     assert f"truncated: ledger ends at {covered - 3}, signed checkpoint covers {covered}" \
         in done.stderr
+
+
+def test_unknown_arguments_are_refused_except_by_bench() -> None:
+    # `bench` hands its arguments to the harness's own parser; every other command keeps
+    # refusing what it does not know, with a usage line, not a traceback.
+    refused = run_cli("replay", "--ledger", "x.db", "--bogus")
+    assert refused.returncode == 2
+    assert "unrecognized arguments: --bogus" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    bench = run_cli("bench", "--help")
+    assert bench.returncode == 0, bench.stderr
+    assert "--quick" in bench.stdout
+    assert "--peers-python" in bench.stdout
