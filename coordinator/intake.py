@@ -31,8 +31,7 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerThread,
                        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=batch_max * 2)
     async with anyio.create_task_group() as tg, receive:
-        consumer = coordinator_consumer(subjects)
-        await tg.start(bus.serve_pull, consumer, send)
+        await tg.start(bus.serve_pull, coordinator_consumer(subjects), send)
         task_status.started()
         while True:
             batch: list[Inbound] = []
@@ -54,14 +53,10 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerThread,
             await _record_until_stored(messages, writer, writes, health)
             relay.ring()  # recorded: the relay may publish while the acks go out
             crash.reached("coordinator.after_commit", batch[0].data)
-            # Buffered, not awaited: the next batch starts meanwhile.
-            if consumer.ack_all:
-                # One ack for the batch: it covers every message up to the newest in the
-                # stream, and everything up to there is recorded (the gaps were read above).
-                await max(batch, key=lambda m: m.stream_seq).ack()
-            else:
-                for message in batch:
-                    await message.ack()
+            # One ack for the batch (the consumer acks all up to it): it covers every
+            # message up to the newest in the stream, and everything up to there is
+            # recorded (the gaps were read above). Buffered: the next batch starts meanwhile.
+            await max(batch, key=lambda m: m.stream_seq).ack()
 
 
 def _take_waiting(receive: MemoryObjectReceiveStream[Inbound], batch: list[Inbound],
