@@ -300,16 +300,16 @@ class Bus:
         older ledgermesh) is replaced by one that starts after ``spec.start_after``."""
         ack_policy = api.AckPolicy.ALL if spec.ack_all else api.AckPolicy.EXPLICIT
         what = f"create consumer {spec.durable} on {spec.stream}"
-        try:
-            existing: api.ConsumerConfig | None = (
-                await self._js.consumer_info(spec.stream, spec.durable)).config
-        except nats.js.errors.NotFoundError:
-            existing = None
-        except nats.js.errors.APIError as exc:
-            raise BusError(f"cannot {what}: {exc.description}") from exc
-        except (nats.errors.TimeoutError, TimeoutError) as exc:
-            raise BusError(f"cannot {what}: no answer from NATS (is JetStream enabled, "
-                           "and are you allowed to?)") from exc
+
+        async def current() -> api.ConsumerConfig | None:
+            try:
+                info = await self._js.consumer_info(spec.stream, spec.durable)
+            except nats.js.errors.NotFoundError:
+                return None
+            config: api.ConsumerConfig = info.config
+            return config
+
+        existing: api.ConsumerConfig | None = await self._call(current(), what)
         if existing is not None and existing.ack_policy != ack_policy:
             log.warning("replacing consumer %s on %s (ack policy %s, now %s); it delivers "
                         "from stream sequence %d on", spec.durable, spec.stream,
