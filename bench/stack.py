@@ -38,7 +38,7 @@ from agents.client import submit_task
 from bench import chain
 from bus.client import Bus, BusSettings, Observed, open_bus
 from bus.embedded import open_embedded_nats
-from coordinator.ledger.store import open_ledger
+from coordinator.ledger.store import is_postgres, open_ledger
 from coordinator.service import utc_now
 from ledgermesh.processes import Child, spawn, stop_all, wait_ready
 from schemas import Subjects
@@ -299,7 +299,7 @@ def hop_latencies_ms(ledger_location: str, phases: list[PhaseResult]) -> dict[st
 
 def ledger_bytes(location: str) -> int:
     """Bytes the ledger occupies: SQLite file + WAL, or PostgreSQL relation sizes."""
-    if location.startswith(("postgresql://", "postgres://")):
+    if is_postgres(location):
         from bench.pg import schema_bytes
 
         return schema_bytes(location)

@@ -17,14 +17,14 @@ from coordinator.health import Health
 from coordinator.ledger.checkpoints import Checkpointer
 from coordinator.ledger.store import Ledger
 from coordinator.ledger.writer import LedgerWriter
-from coordinator.ledger_thread import LedgerThread
+from coordinator.ledger_writes import LedgerWrites
 from coordinator.signals import Doorbell
 
 log = logging.getLogger("ledgermesh.coordinator.checkpointer")
 
 
 async def serve_checkpoints(writer: LedgerWriter, ledger: Ledger,
-                            writes: LedgerThread, relay: Doorbell, health: Health,
+                            writes: LedgerWrites, relay: Doorbell, health: Health,
                             checkpointer: Checkpointer, *, every_events: int = 1000,
                             every_s: float = 30.0, poll: float = 0.5,
                             task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -43,7 +43,7 @@ async def serve_checkpoints(writer: LedgerWriter, ledger: Ledger,
                  poll, last_at)
 
 
-async def _serve(writer: LedgerWriter, ledger: Ledger, writes: LedgerThread,
+async def _serve(writer: LedgerWriter, ledger: Ledger, writes: LedgerWrites,
                  relay: Doorbell, health: Health, checkpointer: Checkpointer,
                  every_events: int, every_s: float, poll: float, last_at: float) -> None:
     while True:

@@ -16,7 +16,7 @@ from anyio.abc import TaskStatus
 
 from bus.client import Bus, BusError
 from coordinator.ledger.writer import LedgerWriter
-from coordinator.ledger_thread import LedgerThread
+from coordinator.ledger_writes import LedgerWrites
 from coordinator.policy import Policy
 from coordinator.signals import Doorbell
 from schemas import Failure, LedgermeshError, Subjects, ToolInvocation, ToolOutcome
@@ -27,7 +27,7 @@ _outcome = msgspec.json.Decoder(ToolOutcome)
 _encode = msgspec.json.Encoder().encode
 
 
-async def serve_gateway(bus: Bus, writer: LedgerWriter, writes: LedgerThread,
+async def serve_gateway(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
                         subjects: Subjects, policy: Policy, relay: Doorbell, *,
                         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
 

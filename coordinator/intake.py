@@ -17,14 +17,14 @@ from bus.faults import NO_CRASH, CrashPoints
 from bus.topology import coordinator_consumer
 from coordinator.health import Health
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter
-from coordinator.ledger_thread import LedgerThread
+from coordinator.ledger_writes import LedgerWrites
 from coordinator.signals import Doorbell
 from schemas import Subjects
 
 log = logging.getLogger("ledgermesh.coordinator.intake")
 
 
-async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerThread,
+async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
                        subjects: Subjects, relay: Doorbell, health: Health,
                        batch_max: int = 256, crash: CrashPoints = NO_CRASH, *,
                        linger: float = 0.0005,
@@ -36,7 +36,7 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerThread,
         while True:
             batch: list[Inbound] = []
             # What waited during the last commit is taken without a turn of the event loop:
-            # the writer starts on it at once, while the relay publishes the last commit.
+            # on a writer thread, the writer starts on it while the relay publishes.
             _take_waiting(receive, batch, batch_max)
             if not batch:
                 batch.append(await receive.receive())
@@ -98,7 +98,7 @@ async def _in_stream_order(bus: Bus, subjects: Subjects, position: int,
 
 
 async def _record_until_stored(messages: list[IntakeMessage], writer: LedgerWriter,
-                               writes: LedgerThread, health: Health) -> None:
+                               writes: LedgerWrites, health: Health) -> None:
     """Record the batch, retrying with backoff while the ledger cannot be written.
 
     Nothing is acked meanwhile, so the messages wait in the intake stream.

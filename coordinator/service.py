@@ -23,9 +23,9 @@ from coordinator.intake import serve_intake
 from coordinator.ledger.checkpoints import Checkpointer, load_signer
 from coordinator.ledger.events import LedgerEvent
 from coordinator.ledger.feed import CommitFeed
-from coordinator.ledger.store import open_ledger
+from coordinator.ledger.store import is_postgres, open_ledger
 from coordinator.ledger.writer import LedgerWriter
-from coordinator.ledger_thread import LedgerThread
+from coordinator.ledger_writes import LedgerWrites
 from coordinator.policy import Policy
 from coordinator.relay import serve_relay
 from coordinator.signals import Doorbell
@@ -61,7 +61,9 @@ async def run_coordinator(settings: CoordinatorSettings, *,
     ledger = await anyio.to_thread.run_sync(
         lambda: open_ledger(settings.ledger, create=True))
     health = Health()
-    writes = LedgerThread()  # every write to the ledger, one at a time
+    # Every write to the ledger, one at a time: inline for SQLite, on a thread for
+    # PostgreSQL (whose commits wait on the network).
+    writes = LedgerWrites(threaded=is_postgres(settings.ledger))
     try:
         signer = await anyio.to_thread.run_sync(
             lambda: load_signer(settings.signing_seed, settings.ledger))

@@ -9,13 +9,13 @@ from anyio.abc import TaskStatus
 
 from coordinator.health import Health
 from coordinator.ledger.writer import LedgerWriter
-from coordinator.ledger_thread import LedgerThread
+from coordinator.ledger_writes import LedgerWrites
 from coordinator.signals import Doorbell
 
 log = logging.getLogger("ledgermesh.coordinator.timer")
 
 
-async def serve_timer(writer: LedgerWriter, writes: LedgerThread, relay: Doorbell,
+async def serve_timer(writer: LedgerWriter, writes: LedgerWrites, relay: Doorbell,
                       health: Health, interval: float = 0.2, *,
                       task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     task_status.started()

@@ -55,7 +55,7 @@ from coordinator.ledger.events import (
     Sealed,
     stamp,
 )
-from coordinator.ledger.store import Ledger
+from coordinator.ledger.store import Ledger, is_postgres
 from schemas import LedgermeshError, LedgerRecord, Subjects, canonical
 
 if TYPE_CHECKING:  # only the bus speaks NATS; replay stays importable without it
@@ -197,7 +197,7 @@ class Signer:
 
 def signing_key_path(ledger_location: str) -> Path | None:
     """Where the generated key of a SQLite ledger lives; None for PostgreSQL."""
-    if ledger_location.startswith(("postgresql://", "postgres://")):
+    if is_postgres(ledger_location):
         return None
     return Path(ledger_location + SIGNING_KEY_SUFFIX)
 

@@ -103,9 +103,14 @@ class Ledger(Application[UUID]):
         return [e for e in self.events.get(aggregate_id) if isinstance(e, LedgerEvent)]
 
 
+def is_postgres(location: str) -> bool:
+    """Whether a ledger location names a PostgreSQL database (else: a SQLite file)."""
+    return location.startswith(("postgresql://", "postgres://"))
+
+
 def ledger_env(location: str, create: bool = True) -> dict[str, str]:
     """eventsourcing settings for a ledger location (a SQLite path or a postgresql:// URL)."""
-    if location.startswith(("postgresql://", "postgres://")):
+    if is_postgres(location):
         url = urlsplit(location)
         query = parse_qs(url.query)
         env = {
@@ -126,12 +131,12 @@ def ledger_env(location: str, create: bool = True) -> dict[str, str]:
 
 def open_ledger(location: str, *, create: bool) -> Ledger:
     """Open the ledger at ``location``; with ``create=False`` it must already exist."""
-    is_postgres = location.startswith(("postgresql://", "postgres://"))
-    if not is_postgres and "://" in location:
+    postgres = is_postgres(location)
+    if not postgres and "://" in location:
         # Not a path: taken as one, "sqlite:///x.db" would create a directory "sqlite:".
         raise LedgerError(f"unsupported ledger location {_redact(location)}: give a SQLite "
                           "file path (e.g. ledgermesh-data/ledger.db) or a postgresql:// URL")
-    if not is_postgres:
+    if not postgres:
         path = Path(location)
         if not create and not path.is_file():
             raise LedgerError(f"no ledger at {location} (expected a SQLite file made by "
@@ -142,7 +147,7 @@ def open_ledger(location: str, *, create: bool) -> Ledger:
         ledger = Ledger(env=ledger_env(location, create))
     except Exception as exc:  # eventsourcing wraps driver errors in its own types
         raise LedgerError(f"cannot open ledger at {_redact(location)}: {exc}") from exc
-    if is_postgres and not create:
+    if postgres and not create:
         try:
             ledger.last_position()
         except ProgrammingError:

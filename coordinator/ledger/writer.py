@@ -1,8 +1,8 @@
 """The write path: a batch of intake messages → decisions → one transaction.
 
-Synchronous and single-threaded by design: the async coordinator calls ``record`` on its
-one ledger thread (``coordinator/ledger_thread.py``), so there is exactly one writer per
-ledger.
+Synchronous and single-threaded by design: the async coordinator calls ``record`` through
+its one ``LedgerWrites`` (``coordinator/ledger_writes.py``), so there is exactly one writer
+per ledger.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The ledger thread: calls run one at a time, in the order asked, on one thread; a
-cancelled caller still waits for its call to end (no commit left running unowned)."""
+"""Ledger writes run one at a time, in the order asked: on one thread (a cancelled caller
+still waits for its call to end: no commit left running unowned), or inline."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import time
 import anyio
 import pytest
 
-from coordinator.ledger_thread import LedgerThread
+from coordinator.ledger.store import is_postgres
+from coordinator.ledger_writes import LedgerWrites
 
 
 async def test_calls_run_one_at_a_time_in_order_on_one_thread() -> None:
-    writes = LedgerThread()
+    writes = LedgerWrites(threaded=True)
     running, seen, threads = [0], [], set()
 
     def call(i: int) -> int:
@@ -43,7 +44,7 @@ async def test_calls_run_one_at_a_time_in_order_on_one_thread() -> None:
 
 
 async def test_a_cancelled_caller_waits_for_its_call_to_end() -> None:
-    writes = LedgerThread()
+    writes = LedgerWrites(threaded=True)
     finished = threading.Event()
 
     def commit() -> None:
@@ -62,7 +63,7 @@ async def test_a_cancelled_caller_waits_for_its_call_to_end() -> None:
 
 
 async def test_an_exception_in_the_call_reaches_the_caller() -> None:
-    writes = LedgerThread()
+    writes = LedgerWrites(threaded=True)
 
     def broken() -> None:
         raise ValueError("disk full")
@@ -73,3 +74,47 @@ async def test_an_exception_in_the_call_reaches_the_caller() -> None:
         assert await writes.run(lambda: 42) == 42  # the thread goes on
     finally:
         writes.close()
+
+
+async def test_inline_writes_run_on_the_callers_thread_in_order() -> None:
+    writes = LedgerWrites(threaded=False)
+    seen: list[tuple[int, int]] = []
+
+    def call(i: int) -> int:
+        seen.append((i, threading.get_ident()))
+        return i * i
+
+    results: dict[int, int] = {}
+
+    async def ask(i: int) -> None:
+        results[i] = await writes.run(call, i)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(ask, i)
+    finally:
+        writes.close()
+    assert not writes.threaded
+    assert [i for i, _ in seen] == list(range(20))
+    assert {thread for _, thread in seen} == {threading.get_ident()}
+    assert results == {i: i * i for i in range(20)}
+
+
+async def test_an_inline_exception_reaches_the_caller() -> None:
+    writes = LedgerWrites(threaded=False)
+
+    def broken() -> None:
+        raise ValueError("disk full")
+
+    with pytest.raises(ValueError, match="disk full"):
+        await writes.run(broken)
+    assert await writes.run(lambda: 42) == 42
+    writes.close()
+
+
+def test_postgres_locations_are_told_from_sqlite_paths() -> None:
+    assert is_postgres("postgresql://postgres@127.0.0.1:5432/test")
+    assert is_postgres("postgres://u:p@db/ledger")
+    assert not is_postgres("ledgermesh-data/ledger.db")
+    assert not is_postgres("/var/lib/postgresql/ledger.db")
