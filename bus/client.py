@@ -11,11 +11,10 @@ import binascii
 import itertools
 import json
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -460,84 +459,82 @@ class Bus:
     async def _pull_into(self, spec: ConsumerSpec, out: MemoryObjectSendStream[Inbound],
                          batch: int, expires: float, task_status: TaskStatus[None]) -> None:
         inbox = self._nc.new_inbox()
-        # A callback into our own stream, not ``next_msg``: that starts a task (named by a
-        # fresh uuid4) per message, a tenth of the coordinator's CPU under load. Unbounded,
-        # but what arrives is bounded by the credit the pull requests below extend.
-        arrived, arrivals = anyio.create_memory_object_stream[Msg](max_buffer_size=math.inf)
-
-        async def arrive(msg: Msg) -> None:
-            arrived.send_nowait(msg)
-
-        sub = await self._nc.subscribe(f"{inbox}.*", cb=arrive)
         next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
         # token -> [messages still owed, deadline]. The server fills requests in the order
         # they arrived and delivered messages keep their own subject, so a message is
         # credited to the oldest request; status messages (on the request's own reply
         # subject) end exactly the request they name.
         pending: OrderedDict[str, list[float]] = OrderedDict()
+        ended = [anyio.Event()]  # set when a request ends: time to ask for more
+        missing = [False]  # the server said the consumer does not exist (yet)
+
+        async def arrive(msg: Msg) -> None:
+            # Each message goes from nats-py's delivery task straight into ``out``, not
+            # through a stream of our own and a second task: one hand-off per message
+            # instead of two (not ``next_msg`` either: a task and a uuid4 per message).
+            headers = msg.headers
+            status = headers.get("Status") if headers else None
+            if status is not None:
+                if status != "100":  # 100 is a heartbeat; anything else ends the request
+                    pending.pop(msg.subject.rsplit(".", 1)[-1], None)
+                    missing[0] = status == "503"
+                    ended[0].set()
+                return
+            if pending:
+                oldest = next(iter(pending.values()))
+                oldest[0] -= 1
+                if oldest[0] <= 0:
+                    pending.popitem(last=False)
+                    ended[0].set()
+            stream_seq, delivered = _sequence_and_delivered(msg)
+            inbound = Inbound(subject=msg.subject, data=msg.data, headers=dict(headers or {}),
+                              stream_seq=stream_seq, delivered=delivered, _msg=msg)
+            try:
+                out.send_nowait(inbound)
+            except anyio.WouldBlock:
+                # The reader is behind: wait for room (what arrives meanwhile is bounded
+                # by the credit the pull requests extend).
+                with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await out.send(inbound)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the reader has gone (shutting down): unacked, so redelivered
+
+        sub = await self._nc.subscribe(f"{inbox}.*", cb=arrive)
         counter = 0
         missing_since: float | None = None
         task_status.started()
         try:
             while True:
+                if missing[0]:  # no such consumer (yet): wait for its creator
+                    missing[0] = False
+                    now = time.monotonic()
+                    if missing_since is None or now - missing_since > 10:
+                        log.warning("consumer %s on %s does not exist yet; waiting (is the "
+                                    "coordinator running, with this agent in its policy?)",
+                                    spec.durable, spec.stream)
+                        missing_since = now
+                    await anyio.sleep(0.5)
                 owed = sum(int(p[0]) for p in pending.values())
                 if owed <= batch and len(pending) < 4 and self._nc.is_connected:
                     counter += 1
                     token = str(counter)
                     request = {"batch": batch, "expires": int(expires * 1e9)}
+                    pending[token] = [batch, time.monotonic() + expires + 1.0]
                     await self._nc.publish(next_subject, json.dumps(request).encode(),
                                            reply=f"{inbox}.{token}")
-                    pending[token] = [batch, time.monotonic() + expires + 1.0]
                     continue
                 now = time.monotonic()
                 wait = min((p[1] for p in pending.values()), default=now + 0.5) - now
-                msg: Msg | None
-                try:
-                    msg = arrivals.receive_nowait()
-                except anyio.WouldBlock:
-                    msg = None
-                    with anyio.move_on_after(max(wait, 0.01)):
-                        msg = await arrivals.receive()
-                if msg is None:
-                    # A request the server forgot (it restarted) expires on our side too.
-                    now = time.monotonic()
-                    for token in [t for t, p in pending.items() if p[1] <= now]:
-                        del pending[token]
-                    continue
-                status = (msg.headers or {}).get("Status")
-                if status is not None:
-                    if status != "100":  # 100 is a heartbeat; anything else ends the request
-                        pending.pop(msg.subject.rsplit(".", 1)[-1], None)
-                    if status == "503":  # no such consumer (yet): wait for its creator
-                        now = time.monotonic()
-                        if missing_since is None or now - missing_since > 10:
-                            log.warning("consumer %s on %s does not exist yet; waiting (is the "
-                                        "coordinator running, with this agent in its policy?)",
-                                        spec.durable, spec.stream)
-                            missing_since = now
-                        await anyio.sleep(0.5)
-                    continue
-                missing_since = None
-                if pending:
-                    oldest = next(iter(pending.values()))
-                    oldest[0] -= 1
-                    if oldest[0] <= 0:
-                        pending.popitem(last=False)
-                stream_seq, delivered = _sequence_and_delivered(msg)
-                inbound = Inbound(subject=msg.subject, data=msg.data,
-                                  headers=dict(msg.headers or {}),
-                                  stream_seq=stream_seq, delivered=delivered, _msg=msg)
-                try:
-                    # Not ``await out.send``: its checkpoint costs a turn of the event loop
-                    # per message. This loop still yields whenever nothing has arrived.
-                    out.send_nowait(inbound)
-                except anyio.WouldBlock:
-                    await out.send(inbound)  # the reader is behind: wait for room
+                with anyio.move_on_after(max(wait, 0.01)):
+                    await ended[0].wait()
+                ended[0] = anyio.Event()
+                # A request the server forgot (it restarted) expires on our side too.
+                now = time.monotonic()
+                for token in [t for t, p in pending.items() if p[1] <= now]:
+                    del pending[token]
         finally:
             with anyio.CancelScope(shield=True):
                 await sub.unsubscribe()
-            arrived.close()
-            arrivals.close()
 
     async def serve_observe(self, stream: str, subject: str, out: MemoryObjectSendStream[Observed],
                             from_start: bool, *,
