@@ -489,15 +489,14 @@ class Bus:
             stream_seq, delivered = _sequence_and_delivered(msg)
             inbound = Inbound(subject=msg.subject, data=msg.data, headers=dict(headers or {}),
                               stream_seq=stream_seq, delivered=delivered, _msg=msg)
-            try:
-                out.send_nowait(inbound)
-            except anyio.WouldBlock:
-                # The reader is behind: wait for room (what arrives meanwhile is bounded
-                # by the credit the pull requests extend).
-                with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            # A reader gone (shutting down) leaves the message unacked: it is redelivered.
+            with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                try:
+                    out.send_nowait(inbound)
+                except anyio.WouldBlock:
+                    # The reader is behind: wait for room (what arrives meanwhile is
+                    # bounded by the credit the pull requests extend).
                     await out.send(inbound)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # the reader has gone (shutting down): unacked, so redelivered
 
         sub = await self._nc.subscribe(f"{inbox}.*", cb=arrive)
         counter = 0

@@ -5,12 +5,30 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import anyio
 import pytest
 
 from coordinator.ledger.store import is_postgres
 from coordinator.ledger_writes import LedgerWrites
+
+
+async def _ask_twenty_at_once(writes: LedgerWrites,
+                              call: Callable[[int], int]) -> dict[int, int]:
+    """``call(i)`` for i in 0..19, each asked by its own task at once; then close."""
+    results: dict[int, int] = {}
+
+    async def ask(i: int) -> None:
+        results[i] = await writes.run(call, i)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(ask, i)
+    finally:
+        writes.close()
+    return results
 
 
 async def test_calls_run_one_at_a_time_in_order_on_one_thread() -> None:
@@ -26,17 +44,7 @@ async def test_calls_run_one_at_a_time_in_order_on_one_thread() -> None:
         running[0] -= 1
         return i * i
 
-    results: dict[int, int] = {}
-
-    async def ask(i: int) -> None:
-        results[i] = await writes.run(call, i)
-
-    try:
-        async with anyio.create_task_group() as tg:
-            for i in range(20):
-                tg.start_soon(ask, i)
-    finally:
-        writes.close()
+    results = await _ask_twenty_at_once(writes, call)
     assert seen == list(range(20))  # queued in the order asked
     assert results == {i: i * i for i in range(20)}
     assert len(threads) == 1
@@ -84,17 +92,7 @@ async def test_inline_writes_run_on_the_callers_thread_in_order() -> None:
         seen.append((i, threading.get_ident()))
         return i * i
 
-    results: dict[int, int] = {}
-
-    async def ask(i: int) -> None:
-        results[i] = await writes.run(call, i)
-
-    try:
-        async with anyio.create_task_group() as tg:
-            for i in range(20):
-                tg.start_soon(ask, i)
-    finally:
-        writes.close()
+    results = await _ask_twenty_at_once(writes, call)
     assert not writes.threaded
     assert [i for i, _ in seen] == list(range(20))
     assert {thread for _, thread in seen} == {threading.get_ident()}
