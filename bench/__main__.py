@@ -391,20 +391,24 @@ class Bench:
             kept[backend] = location
         replays: dict[str, dict[str, Any]] = {}
         for backend, location in kept.items():
-            runs_v, runs_raw = [], []
+            runs_v, runs_raw, runs_rows = [], [], []
             for _ in range(p.replays):
                 runs_v.append(await anyio.to_thread.run_sync(baseline_replay.replay_verify,
                                                              location))
                 runs_raw.append(await anyio.to_thread.run_sync(baseline_replay.raw_read_decode,
                                                                location))
+                runs_rows.append(await anyio.to_thread.run_sync(
+                    baseline_replay.rows_read_decode, location))
             size = ledger_bytes(location)
-            replays[backend] = {"verify": runs_v, "raw": runs_raw,
+            replays[backend] = {"verify": runs_v, "raw": runs_raw, "rows": runs_rows,
                                 "events": runs_v[0]["events"],
                                 "bytes_per_event": size / max(runs_v[0]["events"], 1)}
             self.say(f"replay --verify ({backend}, {runs_v[0]['events']:,} events): "
                      f"{report.fmt(report.stat([r['events_per_s'] for r in runs_v]))} events/s;"
                      f" raw read+decode (c) "
                      f"{report.fmt(report.stat([r['events_per_s'] for r in runs_raw]))} "
+                     f"events/s; rows read+decode (c′) "
+                     f"{report.fmt(report.stat([r['events_per_s'] for r in runs_rows]))} "
                      f"events/s; {size / max(runs_v[0]['events'], 1):,.0f} bytes/event")
             self._discard(backend, location)
         return self.assemble(system, limit_runs, js_runs, peer_results, longs, replays,
@@ -474,6 +478,11 @@ class Bench:
                 row["replay_events_per_s"] = stat([r["events_per_s"] for r in rep["verify"]])
                 row["raw_read_decode_events_per_s"] = stat([r["events_per_s"]
                                                             for r in rep["raw"]])
+                row["rows_read_decode_events_per_s"] = stat([r["events_per_s"]
+                                                             for r in rep["rows"]])
+                row["replay_vs_raw"] = stat([v["events_per_s"] / r["events_per_s"]
+                                             for v, r in zip(rep["verify"], rep["raw"],
+                                                             strict=True)])
                 row["ledger_bytes_per_event"] = stat([rep["bytes_per_event"]])
                 long = longs.get(backend)
                 row["replay_ledger"] = {

@@ -63,6 +63,8 @@ ROWS = [
     ("coordinator peak RSS MB", "coordinator_peak_rss_mb"),
     ("replay --verify events/s", "replay_events_per_s"),
     ("raw log read+decode events/s (c)", "raw_read_decode_events_per_s"),
+    ("replay --verify / raw (c)", "replay_vs_raw"),
+    ("rows read+decode events/s (c′)", "rows_read_decode_events_per_s"),
     ("ledger bytes/event", "ledger_bytes_per_event"),
     ("coordinator CPU % (64 in flight)", "coordinator_cpu_percent"),
 ]

@@ -20,10 +20,9 @@ from typing import Any, NamedTuple
 from uuid import UUID
 
 import msgspec
-from eventsourcing.persistence import Notification
 
 from coordinator.ledger.events import TOPIC, hash_state, unhashed
-from coordinator.ledger.store import Ledger, LedgerError
+from coordinator.ledger.store import Ledger, LedgerError, LogRow, aggregate_text
 from schemas import canonical
 
 _decoder = msgspec.json.Decoder()
@@ -54,17 +53,17 @@ def collector_paused() -> Iterator[None]:
 
 
 def log_pages(ledger: Ledger, stop: int, page: int, progress: Callable[[int], None] | None = None
-              ) -> Iterator[Sequence[Notification]]:
-    """The log in order, a page at a time, up to position ``stop``."""
+              ) -> Iterator[Sequence[LogRow]]:
+    """The log in order, a page of rows at a time, up to position ``stop``."""
     after = 0
-    while notifications := ledger.read(after, page):
-        if notifications[-1].id > stop:
-            notifications = [n for n in notifications if n.id <= stop]
-            if notifications:
-                yield notifications
+    while rows := ledger.read_rows(after, page):
+        if rows[-1][0] > stop:
+            rows = [row for row in rows if row[0] <= stop]
+            if rows:
+                yield rows
             return
-        yield notifications
-        after = notifications[-1].id
+        yield rows
+        after = rows[-1][0]
         if progress is not None:
             progress(after)
 
@@ -124,29 +123,30 @@ class HashCheck:
     def __init__(self) -> None:
         self.events = 0
         self.wrong: dict[int, WrongHash] = {}
-        self._ids: dict[UUID | str, str] = {}  # formatting a UUID costs more than hashing
+        self._ids: dict[UUID | str, str] = {}  # formatting an id costs more than hashing
 
     def __getstate__(self) -> dict[str, Any]:
         # What the helper process sends back: the findings, not its cache of ids.
         return {"events": self.events, "wrong": self.wrong, "_ids": {}}
 
-    def add(self, notifications: Sequence[Notification]) -> None:
+    def add(self, rows: Sequence[LogRow]) -> None:
         wrong, ids = self.wrong, self._ids
-        self.events += len(notifications)
-        for n in notifications:
-            if n.topic != TOPIC:
+        self.events += len(rows)
+        for position, originator_id, version, topic, state in rows:
+            if topic != TOPIC:
                 continue  # the fold reports it
             try:
-                event = _read_sealed(n.state)
+                event = _read_sealed(state)
             except msgspec.DecodeError:
                 continue  # the fold reports it; there is no hash to check
-            aggregate_id = ids.get(n.originator_id)
+            aggregate_id = ids.get(originator_id)
             if aggregate_id is None:
-                aggregate_id = ids[n.originator_id] = str(n.originator_id)
-            problem = hash_problem(event.prev_hash, aggregate_id, n.originator_version,
-                                   event.hash, hashed_body(n.state, event.hash))
+                aggregate_id = ids[originator_id] = aggregate_text(originator_id)
+            problem = hash_problem(event.prev_hash, aggregate_id, version, event.hash,
+                                   hashed_body(state, event.hash))
             if problem is not None:
-                wrong[n.id] = WrongHash(n.id, event.aggregate, event.key, event.kind, problem)
+                wrong[position] = WrongHash(position, event.aggregate, event.key, event.kind,
+                                            problem)
 
 
 class CheckProcess:

@@ -17,7 +17,6 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from eventsourcing.persistence import Notification
 
 from coordinator.ledger.checkpoints import CHECKPOINTS_KEY, Checkpoint, GlobalChain
 from coordinator.ledger.events import GENESIS, TOPIC, Aggregate, Kind, LedgerEvent, stored_state
@@ -30,7 +29,7 @@ from coordinator.ledger.hashcheck import (
     log_pages,
 )
 from coordinator.ledger.state import PrincipalState, TaskState, digest
-from coordinator.ledger.store import Ledger, LedgerError
+from coordinator.ledger.store import Ledger, LedgerError, LogRow, aggregate_text
 from schemas import LedgermeshError, canonical
 
 # From this many events on, the check runs in a helper process: below it, starting one
@@ -197,36 +196,38 @@ class _Fold:
         self.replay = Replay(chain=chain)
         self.links: list[Break] = []
         self.chain_breaks: list[Break] = []
-        # Keyed by the aggregate id's integer: a UUID key hashes and compares in Python.
+        # Keyed by the aggregate id as stored (SQLite's text) or its UUID's integer.
         self._heads: dict[int | str, tuple[int, str]] = {}
 
-    def add(self, notifications: Sequence[Notification]) -> None:
+    def add(self, rows: Sequence[LogRow]) -> None:
         """The hot loop of replay: kept lean (locals, no calls it can do without)."""
         result, links, chain_breaks, heads = (self.replay, self.links, self.chain_breaks,
                                               self._heads)
         chain, tasks, principals = result.chain, result.tasks, result.principals
-        if notifications:
-            result.events += len(notifications)
-            result.position = notifications[-1].id
-        for n in notifications:
-            aggregate_id = _id_key(n.originator_id)
+        if rows:
+            result.events += len(rows)
+            result.position = rows[-1][0]
+        for position, originator_id, version, topic, state in rows:
+            # A UUID key would hash and compare in Python; its integer or the text do not.
+            aggregate_id = (originator_id.int if isinstance(originator_id, UUID)
+                            else originator_id)
             try:
-                event = _read_stored(n.state)
+                event = _read_stored(state)
             except msgspec.DecodeError as exc:
-                links.append(Break(n.id, "?", str(n.originator_id), "?",
+                links.append(Break(position, "?", aggregate_text(originator_id), "?",
                                    f"stored event is unreadable: {exc}"))
                 continue
-            event.originator_version = n.originator_version
-            version, previous = heads.get(aggregate_id, (0, GENESIS))
-            problem = (f"unexpected topic {n.topic}" if n.topic != TOPIC
-                       else _sequence_problem(event.originator_version, event.prev_hash,
-                                              version, previous))
+            event.originator_version = version
+            last_version, previous = heads.get(aggregate_id, (0, GENESIS))
+            problem = (f"unexpected topic {topic}" if topic != TOPIC
+                       else _sequence_problem(version, event.prev_hash, last_version,
+                                              previous))
             if problem is not None:
-                links.append(Break(n.id, event.aggregate, event.key, event.kind, problem))
-            heads[aggregate_id] = (event.originator_version, event.hash)
-            problems = chain.link(n.id, event.hash)
+                links.append(Break(position, event.aggregate, event.key, event.kind, problem))
+            heads[aggregate_id] = (version, event.hash)
+            problems = chain.link(position, event.hash)
             if problems:
-                chain_breaks += [Break(n.id, event.aggregate, event.key, event.kind, why)
+                chain_breaks += [Break(position, event.aggregate, event.key, event.kind, why)
                                  for why in problems]
             aggregate = event.aggregate
             if aggregate == Aggregate.TASK:
@@ -235,19 +236,15 @@ class _Fold:
                     task = tasks[event.key] = TaskState(task_id=event.key)
                 task.apply(event)
             elif aggregate == Aggregate.CHECKPOINT:
-                problem = chain.check(n.id, event.data)
+                problem = chain.check(position, event.data)
                 if problem is not None:
-                    chain_breaks.append(Break(n.id, event.aggregate, event.key, event.kind,
+                    chain_breaks.append(Break(position, event.aggregate, event.key, event.kind,
                                               problem))
             else:
                 principal = principals.get(event.key)
                 if principal is None:
                     principal = principals[event.key] = PrincipalState(name=event.key)
                 principal.apply(event)
-
-
-def _id_key(originator_id: UUID | str) -> int | str:
-    return originator_id.int if isinstance(originator_id, UUID) else originator_id
 
 
 def _merged(folded: _Fold, checked: HashCheck) -> list[Break]:

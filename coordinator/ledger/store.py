@@ -22,10 +22,14 @@ from eventsourcing.persistence import (
     Tracking,
     Transcoder,
 )
+from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import Environment, EnvType
 
 from coordinator.ledger.events import TOPIC, LedgerEvent, Sealed
 from schemas import LedgermeshError
+
+LogRow = tuple[int, "UUID | str", int, str, bytes]
+"""A notification as replay reads it: (position, aggregate id, version, topic, state)."""
 
 
 class LedgerError(LedgermeshError):
@@ -96,11 +100,40 @@ class Ledger(Application[UUID]):
         return self.recorder.select_notifications(start=after, limit=limit,
                                                   inclusive_of_start=False)
 
+    def read_rows(self, after: int, limit: int) -> Sequence[LogRow]:
+        """``read`` as plain tuples, for replay, which reads every event once.
+
+        On SQLite they are selected here: building eventsourcing's Notification and UUID
+        objects took twice as long as reading the rows (the aggregate id stays the
+        stored text, its UUID's 32 hex digits: ``aggregate_text`` formats it)."""
+        recorder = self.recorder
+        if not isinstance(recorder, SQLiteApplicationRecorder):
+            return [(n.id, n.originator_id, n.originator_version, n.topic, n.state)
+                    for n in self.read(after, limit)]
+        with recorder.datastore.transaction(commit=False) as cursor:
+            cursor.sqlite_cursor.row_factory = None  # tuples, not sqlite3.Row
+            cursor.execute("SELECT rowid, originator_id, originator_version, topic, state "
+                           f"FROM {recorder.events_table_name} WHERE rowid>? "
+                           "ORDER BY rowid LIMIT ?", (after, limit))
+            rows: list[LogRow] = cursor.fetchall()
+            return rows
+
     def last_position(self) -> int:
         return self.recorder.max_notification_id() or 0
 
     def history(self, aggregate_id: UUID) -> list[LedgerEvent]:
         return [e for e in self.events.get(aggregate_id) if isinstance(e, LedgerEvent)]
+
+
+def aggregate_text(aggregate_id: UUID | str) -> str:
+    """An aggregate id as events and hashes spell it (a UUID's canonical form), from a
+    ``LogRow``'s (as stored; text that is not a UUID stays as it is)."""
+    if isinstance(aggregate_id, str):
+        try:
+            return str(UUID(aggregate_id))
+        except ValueError:  # a damaged row: its hash check will say so
+            return aggregate_id
+    return str(aggregate_id)
 
 
 def is_postgres(location: str) -> bool:

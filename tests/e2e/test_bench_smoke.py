@@ -18,7 +18,8 @@ from bus.embedded import EmbeddedNats
 SYSTEM_FIGURES = (
     "handoffs_per_s", "handoff_p50_ms_1", "handoff_p99_ms_1", "handoff_p50_ms_half",
     "handoff_p99_ms_half", "ratio_vs_limit", "coordinator_peak_rss_mb",
-    "replay_events_per_s", "raw_read_decode_events_per_s", "ledger_bytes_per_event",
+    "replay_events_per_s", "raw_read_decode_events_per_s",
+    "rows_read_decode_events_per_s", "replay_vs_raw", "ledger_bytes_per_event",
 )
 
 

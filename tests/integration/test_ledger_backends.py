@@ -31,7 +31,7 @@ from coordinator.ledger.events import (
 from coordinator.ledger.feed import CommitFeed
 from coordinator.ledger.replay import replay, verify_history
 from coordinator.ledger.state import PrincipalState, TaskState, digest
-from coordinator.ledger.store import Ledger, LedgerError, open_ledger
+from coordinator.ledger.store import Ledger, LedgerError, aggregate_text, open_ledger
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter, Recorded
 from coordinator.policy import Policy
 from coordinator.relay import outbox_items
@@ -166,6 +166,9 @@ class LedgerContract:
         raise NotImplementedError
 
     def holds_tables(self, location: str) -> bool:
+        raise NotImplementedError
+
+    def set_aggregate_id(self, location: str, position: int, aggregate_id: uuid.UUID) -> None:
         raise NotImplementedError
 
     @pytest.fixture
@@ -466,6 +469,35 @@ class LedgerContract:
         assert [(b.position, b.kind) for b in result.breaks] == [(position, Kind.SAID)]
         assert "recomputed" in result.breaks[0].problem
 
+    def test_replay_reads_the_rows_the_log_holds(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        ledger = self.reopen(location, ledgers)
+        rows = ledger.read_rows(3, 5)
+        notifications = ledger.read(3, 5)
+        assert [r[0] for r in rows] == [n.id for n in notifications] == [4, 5, 6, 7, 8]
+        for (position, aggregate_id, version, topic, state), n in zip(rows, notifications,
+                                                                      strict=True):
+            assert (position, version, topic, bytes(state)) == (
+                n.id, n.originator_version, n.topic, bytes(n.state))
+            assert aggregate_text(aggregate_id) == str(n.originator_id)
+
+    def test_an_event_moved_to_another_aggregate_breaks_both_chains(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        ledger = self.reopen(location, ledgers)
+        moved = position_where(ledger, "t1", Kind.SAID)
+        self.set_aggregate_id(location, moved, task_aggregate_id("t9"))  # no such task
+
+        reopened = self.reopen(location, ledgers)
+        result = replay(reopened, helper=False)
+        assert replay(reopened, helper=True).breaks == result.breaks
+        assert result.events == reopened.last_position()
+        assert moved in {b.position for b in result.breaks}
+        later_t1 = [b for b in result.breaks if b.key == "t1" and b.position > moved]
+        assert later_t1, result.breaks
+        assert "missing" in later_t1[0].problem
+
     # -- configuration ---------------------------------------------------------------
     def test_the_process_environment_does_not_reconfigure_the_ledger(
         self, location: str, ledgers: list[Ledger], monkeypatch: pytest.MonkeyPatch
@@ -568,6 +600,32 @@ class TestSqliteLedger(LedgerContract):
     def holds_tables(self, location: str) -> bool:
         return Path(location).exists()
 
+    def set_aggregate_id(self, location: str, position: int, aggregate_id: uuid.UUID | str,
+                         ) -> None:
+        text = aggregate_id.hex if isinstance(aggregate_id, uuid.UUID) else aggregate_id
+        db = self._connect(location)
+        try:
+            changed = db.execute("UPDATE stored_events SET originator_id = ? WHERE rowid = ?",
+                                 (text, position)).rowcount
+        finally:
+            db.close()
+        assert changed == 1
+
+    def test_an_aggregate_id_that_is_not_a_uuid_is_a_break_not_a_crash(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        ledger = self.reopen(location, ledgers)
+        position = position_where(ledger, "t2", Kind.FAILED)
+        self.set_aggregate_id(location, position, "not-a-uuid")
+
+        reopened = self.reopen(location, ledgers)
+        result = replay(reopened, helper=False)
+        assert replay(reopened, helper=True).breaks == result.breaks
+        assert result.events == reopened.last_position()
+        found = [b for b in result.breaks if b.position == position]
+        assert found, result.breaks
+        assert (found[0].key, found[0].kind) == ("t2", Kind.FAILED)
+
 
 @pytest.mark.postgres
 @pytest.mark.skipif(
@@ -632,6 +690,15 @@ class TestPostgresLedger(LedgerContract):
                 f'DELETE FROM "{self._schema_of(location)}".{self.TABLE} '
                 "WHERE notification_id = %s",
                 (position,),
+            )
+            assert cur.rowcount == 1
+
+    def set_aggregate_id(self, location: str, position: int, aggregate_id: uuid.UUID) -> None:
+        with self._admin() as db:
+            cur = db.execute(
+                f'UPDATE "{self._schema_of(location)}".{self.TABLE} SET originator_id = %s '
+                "WHERE notification_id = %s",
+                (aggregate_id, position),
             )
             assert cur.rowcount == 1
 
