@@ -10,8 +10,9 @@ starts — the code that runs is the production ``ledgermesh coordinator run``:
   ``Bus.publish_all`` (publish + wait for every ack);
 * ``Ledger.history`` (aggregate reloads from the database).
 
-Prints, for a window at 64 tasks in flight, each stage's share of wall time, calls per
-second and mean duration, and the intake batch sizes. The wrappers cost a few µs per call.
+Prints, for a window at 64 tasks in flight (``--in-flight``), each stage's share of wall
+time, calls per second and mean duration, and the intake batch sizes. The wrappers cost a
+few µs per call.
 With ``--py-spy``, the coordinator is also sampled, only while it holds the GIL: where the
 interpreter computes, not where it waits.
 """
@@ -109,7 +110,7 @@ def top_frames(raw: Path, limit: int = 25) -> list[str]:
     return [f"{n / max(total, 1) * 100:5.1f}%  {frame}" for frame, n in ranked[:limit]]
 
 
-async def run(seconds: float, workdir: Path, py_spy: Path | None = None) -> None:
+async def run(seconds: float, in_flight: int, workdir: Path, py_spy: Path | None = None) -> None:
     from bench import chain
     from bench.stack import PREFIX, Driver, Stack, read_proc_status
     from bus.client import BusSettings, open_bus
@@ -149,14 +150,16 @@ async def run(seconds: float, workdir: Path, py_spy: Path | None = None) -> None
                          "--output", str(py_spy), "--pid", str(coordinator.pid)],
                         logs / "py-spy.log")
                     cpu0, t0 = stack.cpu(), time.monotonic()
-                    thr = await driver.closed_loop("thr", 64, tasks=10**9, max_seconds=seconds)
+                    thr = await driver.closed_loop("thr", in_flight, tasks=10**9,
+                                                   max_seconds=seconds)
                     cpu1, t1 = stack.cpu(), time.monotonic()
                     if profiler is not None:
                         await anyio.to_thread.run_sync(profiler.wait)
                 rss = read_proc_status(coordinator.pid)
         finally:
             await stop_all(children)
-    summarize(trace, t0, t1, thr.completion_rate() * chain.HOPS, rss, cpu0, cpu1, py_spy)
+    summarize(trace, t0, t1, thr.completion_rate() * chain.HOPS, in_flight, rss, cpu0, cpu1,
+              py_spy)
 
 
 def _start(argv: list[str], log_file: Path) -> subprocess.Popen[bytes]:
@@ -165,12 +168,13 @@ def _start(argv: list[str], log_file: Path) -> subprocess.Popen[bytes]:
                                 stderr=subprocess.STDOUT)
 
 
-def summarize(trace: Path, t0: float, t1: float, handoffs_per_s: float, rss: dict[str, int],
+def summarize(trace: Path, t0: float, t1: float, handoffs_per_s: float, in_flight: int,
+              rss: dict[str, int],
               cpu0: dict[str, float], cpu1: dict[str, float], py_spy: Path | None) -> None:
     entries: list[Entry] = json.loads(trace.read_text())
     window = [e for e in entries if t0 <= e[1] <= t1]
     wall = t1 - t0
-    print(f"{handoffs_per_s:,.0f} handoffs/s at 64 in flight over "
+    print(f"{handoffs_per_s:,.0f} handoffs/s at {in_flight} in flight over "
           f"{wall:.1f} s; coordinator RSS {rss.get('VmRSS', 0) / 1024:.0f} MB")
     print("CPU: " + ", ".join(f"{k} {(cpu1[k] - cpu0[k]) / wall * 100:.0f}%" for k in cpu0))
     print(f"{'stage':<24}{'% of wall':>10}{'calls/s':>10}{'mean ms':>10}{'p99 ms':>10}"
@@ -200,6 +204,9 @@ def summarize(trace: Path, t0: float, t1: float, handoffs_per_s: float, rss: dic
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--in-flight", type=int, default=64, metavar="N",
+                        help="tasks in flight during the window (1: where a hop's latency "
+                             "goes; default 64)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep everything here")
     parser.add_argument("--py-spy", type=Path, default=None, metavar="OUT",
                         help="also profile the coordinator with py-spy (pip install py-spy) "
@@ -216,10 +223,10 @@ def main() -> None:
                                                               [os.environ.get("PYTHONPATH")])])
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        anyio.run(run, args.seconds, args.workdir, args.py_spy)
+        anyio.run(run, args.seconds, args.in_flight, args.workdir, args.py_spy)
         return
     with tempfile.TemporaryDirectory(prefix="ledgermesh-stages-") as workdir:
-        anyio.run(run, args.seconds, Path(workdir), args.py_spy)
+        anyio.run(run, args.seconds, args.in_flight, Path(workdir), args.py_spy)
 
 
 if __name__ == "__main__":
