@@ -94,8 +94,10 @@ def check_nkey_seed(seed: str) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class PubAck:
+class PubAck(msgspec.Struct, frozen=True):
+    """A stream's ack of one publish (a Struct: one per message, made ~10x faster than
+    a frozen dataclass)."""
+
     stream: str
     seq: int
     duplicate: bool
@@ -166,14 +168,21 @@ class _AckInbox:
             future.set_result(PubAck(ack.stream, ack.seq, ack.duplicate))
 
 
-@dataclass(frozen=True)
 class PendingAck:
-    """A publish whose stream ack has not been awaited yet."""
+    """A publish whose stream ack has not been awaited yet (a plain class: an agent makes
+    one per output, and a frozen dataclass's construction costs ~10x as much)."""
 
-    subject: str
-    _token: str = field(repr=False)
-    _future: asyncio.Future[PubAck] = field(repr=False)
-    _inbox: _AckInbox = field(repr=False)
+    __slots__ = ("_future", "_inbox", "_token", "subject")
+
+    def __init__(self, subject: str, token: str, future: asyncio.Future[PubAck],
+                 inbox: _AckInbox) -> None:
+        self.subject = subject
+        self._token = token
+        self._future = future
+        self._inbox = inbox
+
+    def __repr__(self) -> str:
+        return f"PendingAck(subject={self.subject!r})"
 
     async def wait(self, timeout: float = 10.0) -> PubAck:
         future = self._future

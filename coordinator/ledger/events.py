@@ -15,6 +15,8 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 from uuid import UUID, uuid5
 
+import msgspec
+
 from schemas import canonical, uuid5_text
 
 GENESIS = "0" * 64
@@ -76,8 +78,10 @@ def delivery_id(cause_msg_id: str, agent: str, attempt: int) -> str:
     return uuid5_text(_NS_DELIVERY, f"{cause_msg_id}:{agent}:{attempt}")
 
 
-@dataclass(frozen=True, kw_only=True)
-class Provenance:
+# Provenance and Draft are Structs, not frozen dataclasses: several are made for every
+# intake message, and a frozen dataclass sets each field through object.__setattr__
+# (~10x the time of a Struct's construction, measured).
+class Provenance(msgspec.Struct, frozen=True, kw_only=True):
     """Where a recorded event came from: the intake message that caused it."""
 
     msg_id: str
@@ -88,8 +92,7 @@ class Provenance:
     raw: str = ""  # base64 of the envelope bytes exactly as received; "" on decisions
 
 
-@dataclass(frozen=True, kw_only=True)
-class Draft:
+class Draft(msgspec.Struct, frozen=True, kw_only=True):
     """An event decided but not yet placed in its aggregate's sequence."""
 
     aggregate: Aggregate
@@ -200,9 +203,9 @@ def stamp(draft: Draft, *, version: int, prev_hash: str, recorded_at: str) -> Se
     aggregate_id, aggregate_text = aggregate_id_of(draft.aggregate, draft.key)
     p = draft.provenance
     state: dict[str, Any] = {  # exactly what stored_state() gives, minus the hash
-        "aggregate": draft.aggregate.value,
+        "aggregate": draft.aggregate._value_,  # not .value: a Python-level descriptor
         "key": draft.key,
-        "kind": draft.kind.value,
+        "kind": draft.kind._value_,
         "data": draft.data,
         "msg_id": p.msg_id,
         "sender": p.sender,

@@ -45,9 +45,9 @@ INTAKE = "intake"  # tracking name of the intake stream
 UNKNOWN_PRINCIPAL = "_unknown"
 
 
-@dataclass(frozen=True)
-class IntakeMessage:
-    """One message from the intake stream, as the coordinator sees it."""
+class IntakeMessage(msgspec.Struct, frozen=True):
+    """One message from the intake stream, as the coordinator sees it (a Struct: one is
+    made per message, and a frozen dataclass's construction costs ~10x as much)."""
 
     seq: int  # stream sequence: the tracking position
     subject: str
@@ -104,9 +104,11 @@ class LedgerWriter:
                     skipped += 1
                     continue
                 top = message.seq
-                if not self._admit(message.subject, now):
+                principal = (self._subjects.principal_of(message.subject)
+                             or UNKNOWN_PRINCIPAL)
+                if not self._admit(principal, now):
                     continue  # counted; recorded as one principal.throttled per window
-                events += [self._seal(d, now) for d in self._decide(message, now)]
+                events += [self._seal(d, now) for d in self._decide(message, principal, now)]
             return events + self.fallout(events, now)
 
         events, positions = self._commit(decide_all, lambda: Tracking(INTAKE, top)
@@ -178,8 +180,7 @@ class LedgerWriter:
                 del self._tasks[key]
         return events, [n.id for n in stored]
 
-    def _decide(self, message: IntakeMessage, now: datetime) -> list[Draft]:
-        principal = self._subjects.principal_of(message.subject) or UNKNOWN_PRINCIPAL
+    def _decide(self, message: IntakeMessage, principal: str, now: datetime) -> list[Draft]:
         msg_id = message.msg_id or f"seq-{message.seq}"
         if msg_id in self._principal(principal).seen:
             return []  # rejected before: a resend after JetStream's dedup window
@@ -238,9 +239,8 @@ class LedgerWriter:
             return outcome
         return msgspec.convert(recorded["outcome"], ToolOutcome)
 
-    def _admit(self, subject: str, now: datetime) -> bool:
+    def _admit(self, principal: str, now: datetime) -> bool:
         """Token bucket per principal (from the policy); False drops the message."""
-        principal = self._subjects.principal_of(subject) or UNKNOWN_PRINCIPAL
         agent = self._policy.agents.get(principal)
         if agent is None or agent.rate_per_s is None:
             return True
