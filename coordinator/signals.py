@@ -16,8 +16,9 @@ class Doorbell:
 
     async def wait(self, timeout: float) -> bool:
         """Until rung (True) or ``timeout`` seconds pass without a ring (False)."""
-        with anyio.move_on_after(timeout):
-            await self._event.wait()
+        if not self._event.is_set():  # (a cancel scope only when there is a wait)
+            with anyio.move_on_after(timeout):
+                await self._event.wait()
         rung = self._event.is_set()
         self._event = anyio.Event()
         return rung

@@ -221,7 +221,7 @@ def stamp(draft: Draft, *, version: int, prev_hash: str, recorded_at: str) -> Se
     # Built as eventsourcing's mapper builds events (the frozen dataclass __init__ sets each
     # of its 15 fields through object.__setattr__: a measurable share of the write path).
     event: LedgerEvent = object.__new__(LedgerEvent)
-    vars(event).update(state, originator_id=aggregate_id, originator_version=version,
+    event.__dict__.update(state, originator_id=aggregate_id, originator_version=version,
                        hash=digest)
     return Sealed(event, with_hash(body, digest))
 

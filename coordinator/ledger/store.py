@@ -89,7 +89,7 @@ class Ledger(Application[UUID]):
         if len(positions) != len(stored):
             raise LedgerError(f"the recorder returned {len(positions)} positions for "
                               f"{len(stored)} events")
-        return [_built(Notification, {**vars(s), "id": position})
+        return [_built(Notification, {**s.__dict__, "id": position})
                 for s, position in zip(stored, positions, strict=True)]
 
     def tracking_position(self, name: str) -> int:
@@ -130,7 +130,7 @@ def _built(cls: type[_T], fields: dict[str, Any]) -> _T:
     builds events: without ``__init__``, which sets each field through
     ``object.__setattr__``, at twice the cost (each event makes two)."""
     record = object.__new__(cls)
-    vars(record).update(fields)
+    record.__dict__.update(fields)
     return record
 
 

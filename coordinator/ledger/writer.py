@@ -268,12 +268,12 @@ class LedgerWriter:
         self._touched.add(draft.key)
         state: TaskState | PrincipalState
         if draft.aggregate is Aggregate.TASK:
-            task = self._task(draft.key)
+            task = self._task(draft.key)  # (the most recently used now, if cached)
             if task is None:
                 task = TaskState(task_id=draft.key)
                 self._known.add(draft.key)
+                self._remember(draft.key, task)
             state = task
-            self._remember(draft.key, state)
         else:
             state = self._principal(draft.key)
         if self._recorded_at[0] is not now:  # one clock reading per batch: format it once

@@ -54,6 +54,27 @@ async def test_a_refused_publish_raises_and_stores_nothing(
         assert ack.seq == 2
 
 
+@pytest.mark.parametrize(("subject_suffix", "headers", "size", "why"), [
+    pytest.param("a", {MSG_ID: "two\r\nlines"}, 5, "line break", id="header-line-break"),
+    pytest.param("a b", {MSG_ID: "blank"}, 5, "blank", id="blank-in-subject"),
+    pytest.param("a", {MSG_ID: "big"}, 2 * 1024 * 1024, "limit", id="over-max-payload"),
+])
+async def test_a_message_that_cannot_be_framed_is_refused_before_any_is_sent(
+        nats_server: EmbeddedNats, prefix: str, subject_suffix: str, headers: dict[str, str],
+        size: int, why: str) -> None:
+    spec, name = _stream(prefix)
+    async with open_bus(BusSettings(url=nats_server.url, name="pub-test")) as bus:
+        await bus.ensure_streams([spec])
+        fine = (f"{prefix}.pub.ok", b"fine", {MSG_ID: "fine"})
+        with pytest.raises(BusError, match=why):
+            await bus.publish_all([fine, (f"{prefix}.pub.{subject_suffix}", b"x" * size,
+                                          headers)])
+        await bus.flush()
+        assert await bus.last_msg_id(name) is None  # not even the good one went out
+        (ack,) = await bus.publish_all([fine])  # and the connection still works
+        assert ack.seq == 1
+
+
 async def test_a_publish_no_stream_takes_fails_instead_of_hanging(
         nats_server: EmbeddedNats, prefix: str) -> None:
     async with open_bus(BusSettings(url=nats_server.url, name="pub-test")) as bus:
