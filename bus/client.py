@@ -132,16 +132,6 @@ class _AckInbox:
         self._tokens = itertools.count()
         self._waiting: dict[str, tuple[str, asyncio.Future[PubAck]]] = {}
 
-    async def publish(self, subject: str, data: bytes,
-                      headers: dict[str, str]) -> tuple[str, asyncio.Future[PubAck]]:
-        reply, token, future = await self.expect(subject)
-        try:
-            await self._nc.publish(subject, data, reply=reply, headers=headers)
-        except BaseException:
-            del self._waiting[token]
-            raise
-        return token, future
-
     async def expect(self, subject: str) -> tuple[str, str, asyncio.Future[PubAck]]:
         """A reply subject for a publish to ``subject``, its token, and the future its ack
         will resolve (``forget`` the token if the publish is not sent)."""
@@ -386,7 +376,12 @@ class Bus:
         """Publish without waiting for the stream's ack; ``wait()`` on the result later.
 
         Lets a sender put several messages on the wire in one round trip."""
-        token, future = await self._acks.publish(subject, data, {MSG_ID: msg_id})
+        reply, token, future = await self._acks.expect(subject)
+        try:
+            await self._write([self._hpub(subject, reply, {MSG_ID: msg_id}, data)])
+        except BaseException:
+            self._acks.forget(token)
+            raise
         return PendingAck(subject, token, future, self._acks)
 
     async def publish_all(self, items: Sequence[tuple[str, bytes, dict[str, str]]],
@@ -434,9 +429,9 @@ class Bus:
     def _hpub(self, subject: str, reply: str, headers: dict[str, str], data: bytes) -> bytes:
         """One message as the NATS protocol's HPUB frame: what ``Client.publish`` writes,
         minus its per-message costs (a third of the relay's CPU went to them)."""
-        lines = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
+        lines = "".join([f"{key}: {value}\r\n" for key, value in headers.items()])
         if (lines.count("\n") != len(headers) or lines.count("\r") != len(headers)
-                or not subject or _BLANK.search(subject) or _BLANK.search(reply)):
+                or not subject or _BLANK.search(subject) or (reply and _BLANK.search(reply))):
             raise BusError(f"cannot publish to {subject!r}: a line break or blank in its "
                            "subject or headers")
         if len(data) > self._nc.max_payload:
@@ -554,7 +549,7 @@ class Bus:
                     pending.popitem(last=False)
                     ended[0].set()
             stream_seq, delivered = _sequence_and_delivered(msg)
-            inbound = Inbound(subject=msg.subject, data=msg.data, headers=dict(headers or {}),
+            inbound = Inbound(subject=msg.subject, data=msg.data, headers=headers or {},
                               stream_seq=stream_seq, delivered=delivered, _msg=msg)
             # A reader gone (shutting down) leaves the message unacked: it is redelivered.
             with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):

@@ -66,7 +66,7 @@ def outbox_items(notifications: Sequence[Notification], subjects: Subjects,
     """
     deliveries: list[Message] = []
     copies: list[Message] = []
-    previous = last_position
+    previous = subjects.ledger_msg_id(last_position) if last_position else None
     for n in notifications:
         state = _routing.decode(n.state)
         if state.kind == Kind.ASSIGNED:
@@ -77,12 +77,12 @@ def outbox_items(notifications: Sequence[Notification], subjects: Subjects,
         record = LedgerRecord(position=n.id, aggregate_id=str(n.originator_id),
                               version=n.originator_version, topic=n.topic,
                               event=msgspec.Raw(n.state))
-        headers = {MSG_ID: subjects.ledger_msg_id(n.id)}
-        if previous:
-            headers[EXPECTED_LAST_MSG_ID] = subjects.ledger_msg_id(previous)
+        msg_id = subjects.ledger_msg_id(n.id)
+        headers = ({MSG_ID: msg_id} if previous is None
+                   else {MSG_ID: msg_id, EXPECTED_LAST_MSG_ID: previous})
         copies.append((subjects.ledger(state.aggregate, state.key, state.kind),
                        _record.encode(record), headers))
-        previous = n.id
+        previous = msg_id
     return deliveries, copies
 
 
