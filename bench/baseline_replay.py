@@ -14,10 +14,12 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import msgspec
 
-from coordinator.ledger.store import open_ledger
+from coordinator.ledger.hashcheck import log_pages
+from coordinator.ledger.store import Ledger, open_ledger
 
 
 def replay_verify(location: str, timeout: float = 300.0) -> dict[str, float]:
@@ -37,34 +39,36 @@ def replay_verify(location: str, timeout: float = 300.0) -> dict[str, float]:
 
 def raw_read_decode(location: str, page: int = 2000) -> dict[str, float]:
     """Read the whole notification log through eventsourcing and decode every state."""
-    decode = msgspec.json.Decoder().decode
-    ledger = open_ledger(location, create=False)
-    try:
-        t0 = time.perf_counter()
-        count = after = 0
+    def states(ledger: Ledger) -> Iterator[list[bytes]]:
+        after = 0
         while notifications := ledger.read(after, page):
-            for n in notifications:
-                decode(n.state)
-            count += len(notifications)
+            yield [n.state for n in notifications]
             after = notifications[-1].id
-        seconds = time.perf_counter() - t0
-    finally:
-        ledger.close()
-    return {"events": count, "seconds": seconds, "events_per_s": count / max(seconds, 1e-9)}
+
+    return _timed_decode(location, states)
 
 
 def rows_read_decode(location: str, page: int = 2000) -> dict[str, float]:
-    """(c′): read the log's rows as replay does and decode every state."""
+    """(c′): read the log's rows as replay does (``log_pages``) and decode every state."""
+    def states(ledger: Ledger) -> Iterator[list[bytes]]:
+        for rows in log_pages(ledger, ledger.last_position(), page):
+            yield [row[4] for row in rows]
+
+    return _timed_decode(location, states)
+
+
+def _timed_decode(location: str,
+                  states: Callable[[Ledger], Iterator[list[bytes]]]) -> dict[str, float]:
+    """Events, seconds and events/s of reading ``states`` page by page and decoding each."""
     decode = msgspec.json.Decoder().decode
     ledger = open_ledger(location, create=False)
     try:
         t0 = time.perf_counter()
-        count = after = 0
-        while rows := ledger.read_rows(after, page):
-            for row in rows:
-                decode(row[4])
-            count += len(rows)
-            after = rows[-1][0]
+        count = 0
+        for page in states(ledger):
+            for state in page:
+                decode(state)
+            count += len(page)
         seconds = time.perf_counter() - t0
     finally:
         ledger.close()
