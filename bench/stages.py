@@ -4,9 +4,10 @@ Runs the same stack as the benchmark (embedded NATS, five chain agents as proces
 a coordinator process whose pipeline stages are timed by wrappers installed before it
 starts — the code that runs is the production ``ledgermesh coordinator run``:
 
-* intake: ``LedgerWriter.record`` (decide + seal + ``Ledger.append``, and within it the
-  SQLite commit: the WAL write and fsync, during which the event loop waits) and the
-  per-batch ``Inbound.ack`` calls;
+* intake: ``LedgerWriter.record`` (decide + seal + ``Ledger.append``) and the per-batch
+  ``Inbound.ack`` calls;
+* ``ledger.commit``: every SQLite commit (intake batches, and the rare timer, checkpoint
+  and tool-call writes): the WAL write and fsync, a synchronous call that blocks the loop;
 * relay: ``Ledger.read`` (only when the commit feed cannot vouch for what follows) and
   ``Bus.publish_all`` (publish + wait for every ack);
 * ``Ledger.history`` (aggregate reloads from the database).
@@ -76,7 +77,7 @@ def install_probes(entries: list[Entry]) -> None:
     asynchronous(Inbound, "ack", "intake.ack", lambda a: 1)
     asynchronous(Bus, "flush", "intake.flush", lambda a: 0)
     asynchronous(Bus, "publish_all", "relay.publish_all", lambda a: len(a[0]))
-    sync(SQLiteConnection, "commit", "intake.record.commit", lambda a, out: 0)
+    sync(SQLiteConnection, "commit", "ledger.commit", lambda a, out: 0)
 
 
 def coordinator_main(out: str, argv: list[str]) -> None:
