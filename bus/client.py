@@ -708,6 +708,22 @@ async def _abandon(nc: Client) -> None:
             log.debug("closing an unconnected client failed", exc_info=True)
 
 
+# asyncio reads a socket into a fresh buffer of 256 KiB, above glibc's mmap threshold
+# (128 KiB): every read then maps, shrinks and unmaps memory and faults its pages in,
+# ~12 µs against ~2.5 µs for a read into 64 KiB (a send and a recv of 1.2 KB, measured).
+READ_SIZE = 64 * 1024
+
+
+def _read_in_small_chunks(nc: Client) -> None:
+    """Cap each socket read of the connection at ``READ_SIZE`` (a connection made anew, as
+    after a reconnect, must be capped again). Only a plain TCP connection reads this way:
+    TLS reads into a buffer allocated once, and websockets have no such transport."""
+    writer = getattr(nc._transport, "_io_writer", None)
+    transport = getattr(writer, "transport", None)
+    if transport is not None and getattr(transport, "max_size", 0) > READ_SIZE:
+        transport.max_size = READ_SIZE
+
+
 @asynccontextmanager
 async def open_bus(settings: BusSettings,
                    on_event: Callable[[str], None] | None = None) -> AsyncIterator[Bus]:
@@ -725,6 +741,7 @@ async def open_bus(settings: BusSettings,
         note("disconnected")
 
     async def reconnected_cb() -> None:
+        _read_in_small_chunks(nc)
         note("reconnected")
 
     options: dict[str, Any] = {}
@@ -779,6 +796,7 @@ async def open_bus(settings: BusSettings,
                        f"{refused[0] if refused else 'not connected'} (check --nkey or "
                        "LEDGERMESH_NKEY)")
     connected = True  # from now on errors are notes, never fatal
+    _read_in_small_chunks(nc)
     try:
         yield Bus(nc, settings)
     finally:
