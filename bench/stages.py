@@ -16,7 +16,8 @@ Prints, for a window at 64 tasks in flight (``--in-flight``), each stage's share
 time, calls per second and mean duration, and the intake batch sizes. The wrappers cost a
 few µs per call.
 With ``--py-spy``, the coordinator is also sampled, only while it holds the GIL: where the
-interpreter computes, not where it waits.
+interpreter computes, not where it waits. With ``--nats-profile``, nats-server's own CPU
+profile (Go's pprof, served on a ``prof_port``) is taken over the window and summarised.
 """
 
 from __future__ import annotations
@@ -115,11 +116,13 @@ def top_frames(raw: Path, limit: int = 25) -> list[str]:
     return [f"{n / max(total, 1) * 100:5.1f}%  {frame}" for frame, n in ranked[:limit]]
 
 
-async def run(seconds: float, in_flight: int, workdir: Path, py_spy: Path | None = None) -> None:
+async def run(seconds: float, in_flight: int, workdir: Path, py_spy: Path | None = None,
+              nats_profile: Path | None = None) -> None:
     from bench import chain
+    from bench.pprof import fetch
     from bench.stack import PREFIX, Driver, Stack, read_proc_status
     from bus.client import BusSettings, open_bus
-    from bus.embedded import open_embedded_nats
+    from bus.embedded import free_port, open_embedded_nats
     from ledgermesh.processes import Child, spawn, stop_all, wait_ready
     from schemas import Subjects
 
@@ -128,7 +131,17 @@ async def run(seconds: float, in_flight: int, workdir: Path, py_spy: Path | None
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     trace = workdir / "stages.json"
-    async with open_embedded_nats(workdir / "nats") as server:
+    config = None
+    if nats_profile is not None:
+        prof_port = free_port()
+        config = workdir / "nats-profile.conf"
+        config.write_text(f"prof_port: {prof_port}\n", encoding="utf-8")
+
+    async def profile_nats(path: Path) -> None:
+        profile = await anyio.to_thread.run_sync(fetch, prof_port, max(1, int(seconds)))
+        await anyio.Path(path).write_bytes(profile)
+
+    async with open_embedded_nats(workdir / "nats", config_file=config) as server:
         common = ["--nats", server.url, "--prefix", PREFIX]
         log_file = logs / "coordinator.log"
         process = _start([sys.executable, "-m", "bench.stages", "--coordinator", str(trace),
@@ -154,17 +167,20 @@ async def run(seconds: float, in_flight: int, workdir: Path, py_spy: Path | None
                          "--format", "raw" if py_spy.suffix != ".svg" else "flamegraph",
                          "--output", str(py_spy), "--pid", str(coordinator.pid)],
                         logs / "py-spy.log")
-                    cpu0, t0 = stack.cpu(), time.monotonic()
-                    thr = await driver.closed_loop("thr", in_flight, tasks=10**9,
-                                                   max_seconds=seconds)
-                    cpu1, t1 = stack.cpu(), time.monotonic()
+                    async with anyio.create_task_group() as tg:
+                        if nats_profile is not None:
+                            tg.start_soon(profile_nats, nats_profile)
+                        cpu0, t0 = stack.cpu(), time.monotonic()
+                        thr = await driver.closed_loop("thr", in_flight, tasks=10**9,
+                                                       max_seconds=seconds)
+                        cpu1, t1 = stack.cpu(), time.monotonic()
                     if profiler is not None:
                         await anyio.to_thread.run_sync(profiler.wait)
                 rss = read_proc_status(coordinator.pid)
         finally:
             await stop_all(children)
     summarize(trace, t0, t1, thr.completion_rate() * chain.HOPS, in_flight, rss, cpu0, cpu1,
-              py_spy)
+              py_spy, nats_profile)
 
 
 def _start(argv: list[str], log_file: Path) -> subprocess.Popen[bytes]:
@@ -175,7 +191,8 @@ def _start(argv: list[str], log_file: Path) -> subprocess.Popen[bytes]:
 
 def summarize(trace: Path, t0: float, t1: float, handoffs_per_s: float, in_flight: int,
               rss: dict[str, int],
-              cpu0: dict[str, float], cpu1: dict[str, float], py_spy: Path | None) -> None:
+              cpu0: dict[str, float], cpu1: dict[str, float], py_spy: Path | None,
+              nats_profile: Path | None = None) -> None:
     entries: list[Entry] = json.loads(trace.read_text())
     window = [e for e in entries if t0 <= e[1] <= t1]
     wall = t1 - t0
@@ -204,6 +221,11 @@ def summarize(trace: Path, t0: float, t1: float, handoffs_per_s: float, in_fligh
               "holding the GIL):")
         for line in top_frames(py_spy):
             print(f"  {line}")
+    if nats_profile is not None and nats_profile.exists():
+        from bench.pprof import parse
+        print(f"nats-server's CPU profile ({nats_profile}; shares of its CPU time):")
+        for line in parse(nats_profile.read_bytes()).top():
+            print(f"  {line}")
 
 
 def main() -> None:
@@ -217,6 +239,10 @@ def main() -> None:
                         help="also profile the coordinator with py-spy (pip install py-spy) "
                              "during the window: OUT.svg for a flame graph, else raw "
                              "collapsed stacks plus a summary")
+    parser.add_argument("--nats-profile", type=Path, default=None, metavar="OUT",
+                        help="also take nats-server's CPU profile during the window (Go's "
+                             "pprof, gzipped; `go tool pprof OUT` reads it) and print its "
+                             "busiest functions")
     parser.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,10 +254,12 @@ def main() -> None:
                                                               [os.environ.get("PYTHONPATH")])])
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        anyio.run(run, args.seconds, args.in_flight, args.workdir, args.py_spy)
+        anyio.run(run, args.seconds, args.in_flight, args.workdir, args.py_spy,
+                  args.nats_profile)
         return
     with tempfile.TemporaryDirectory(prefix="ledgermesh-stages-") as workdir:
-        anyio.run(run, args.seconds, args.in_flight, Path(workdir), args.py_spy)
+        anyio.run(run, args.seconds, args.in_flight, Path(workdir), args.py_spy,
+                  args.nats_profile)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import transit
-from bus.embedded import EmbeddedNats
+import anyio
+
+from bench import pprof, transit
+from bus.client import BusSettings, open_bus
+from bus.embedded import EmbeddedNats, free_port, open_embedded_nats
+from bus.topology import StreamSpec
 
 SYSTEM_FIGURES = (
     "handoffs_per_s", "handoff_p50_ms_1", "handoff_p99_ms_1", "handoff_p50_ms_half",
@@ -66,3 +70,30 @@ async def test_transit_measures_core_and_jetstream(nats_server: EmbeddedNats) ->
         "core_p50_ms_pause_0ms", "core_p50_ms_pause_2ms",
         "jetstream_p50_ms_pause_0ms", "jetstream_p50_ms_pause_2ms"]
     assert all(value > 0 for value in figures.values())
+
+
+async def test_nats_profile_is_read_from_a_real_server(tmp_path: Path, prefix: str) -> None:
+    """``bench.stages --nats-profile``: nats-server's own pprof, parsed without Go's tools."""
+    port = free_port()
+    config = tmp_path / "prof.conf"
+    config.write_text(f"prof_port: {port}\n", encoding="utf-8")
+    async with (open_embedded_nats(tmp_path / "nats", config_file=config) as server,
+                open_bus(BusSettings(url=server.url, name="profiled")) as bus):
+        await bus.ensure_streams([StreamSpec(f"{prefix.upper()}_P", (f"{prefix}.p.>",),
+                                             "limits")])
+        profile: list[bytes] = []
+
+        async def take() -> None:
+            profile.append(await anyio.to_thread.run_sync(pprof.fetch, port, 1))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take)
+            while not profile:  # keep the server busy storing while it is sampled
+                await bus.publish_all([(f"{prefix}.p.x", b"x" * 500, {})] * 200)
+    parsed = pprof.parse(profile[0])
+    assert parsed.total > 0
+    assert sum(parsed.flat.values()) == parsed.total  # every sample has a function
+    # JetStream stored what was published: its store shows in the stacks.
+    assert any("fileStore" in name for name in parsed.cumulative)
+    # The summary names the server's functions without their module path.
+    assert any(" server.(*" in line for line in parsed.top(50))
