@@ -145,6 +145,10 @@ def aggregate_text(aggregate_id: UUID | str) -> str:
     return str(aggregate_id)
 
 
+# eventsourcing's PostgreSQL recorder with a faster batch insert (imported only when used).
+POSTGRES_RECORDER = "coordinator.ledger.postgres:ArrayInsertRecorder"
+
+
 def is_postgres(location: str) -> bool:
     """Whether a ledger location names a PostgreSQL database (else: a SQLite file)."""
     return location.startswith(("postgresql://", "postgres://"))
@@ -163,6 +167,7 @@ def ledger_env(location: str, create: bool = True) -> dict[str, str]:
             "POSTGRES_USER": unquote(url.username or "postgres"),
             "POSTGRES_PASSWORD": unquote(url.password or ""),
             "CREATE_TABLE": "y" if create else "n",
+            "PROCESS_RECORDER_TOPIC": POSTGRES_RECORDER,
         }
         if "schema" in query:
             env["POSTGRES_SCHEMA"] = query["schema"][0]

@@ -19,13 +19,18 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
+from eventsourcing.persistence import Tracking
 
 from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID
 from coordinator.ledger.events import (
     Aggregate,
+    Draft,
     Kind,
     LedgerEvent,
+    Provenance,
+    Sealed,
     principal_aggregate_id,
+    stamp,
     task_aggregate_id,
 )
 from coordinator.ledger.feed import CommitFeed
@@ -468,6 +473,33 @@ class LedgerContract:
         assert replay(reopened, helper=True).breaks == result.breaks
         assert [(b.position, b.kind) for b in result.breaks] == [(position, Kind.SAID)]
         assert "recomputed" in result.breaks[0].problem
+
+    def test_a_batch_is_stored_in_the_order_it_was_sealed(
+        self, location: str, ledgers: list[Ledger]
+    ) -> None:
+        """Positions follow the batch's order, also across interleaved aggregates: each
+        aggregate's versions must come in order in the log, and the relay publishes the
+        positions ``append`` returns."""
+        ledger = open_ledger(location, create=True)
+        ledgers.append(ledger)
+        keys = [f"t{i % 7}" for i in range(300)]
+        versions: dict[str, int] = {}
+        sealed: list[Sealed] = []
+        for key in keys:
+            versions[key] = versions.get(key, 0) + 1
+            draft = Draft(aggregate=Aggregate.TASK, key=key, kind=Kind.SAID,
+                          data={"text": "ü" * (versions[key] % 5)},
+                          provenance=Provenance(msg_id=f"m{len(sealed)}", sender="hop",
+                                                raw="eA=="))
+            sealed.append(stamp(draft, version=versions[key], prev_hash="00" * 32,
+                                recorded_at=RECORDED_AT.isoformat()))
+        stored = ledger.append(sealed, Tracking("intake", 300))
+        log = ledger.read(0, 1000)
+        assert [n.id for n in stored] == [n.id for n in log]
+        assert [n.id for n in log] == sorted(n.id for n in log)
+        assert [(n.originator_id, n.originator_version, bytes(n.state)) for n in log] == [
+            (s.event.originator_id, s.event.originator_version, s.stored) for s in sealed]
+        assert ledger.tracking_position("intake") == 300
 
     def test_replay_reads_the_rows_the_log_holds(
         self, location: str, recorded: list[Recorded], ledgers: list[Ledger]

@@ -52,6 +52,8 @@ def test_only_the_bus_client_speaks_nats() -> None:
 
 
 def test_only_the_store_configures_eventsourcing_persistence() -> None:
+    # (and the PostgreSQL recorder it names by topic, so that psycopg is imported only
+    # for a PostgreSQL ledger)
     users = sorted(
         str(path.relative_to(ROOT))
         for package in OURS
@@ -59,7 +61,7 @@ def test_only_the_store_configures_eventsourcing_persistence() -> None:
         if any(name in ("eventsourcing.application", "eventsourcing.sqlite",
                         "eventsourcing.postgres") for name in imports(path))
     )
-    assert users == ["coordinator/ledger/store.py"]
+    assert users == ["coordinator/ledger/postgres.py", "coordinator/ledger/store.py"]
 
 
 def test_the_graph_checker_sees_a_violation() -> None:

@@ -1,0 +1,52 @@
+"""The PostgreSQL recorder: eventsourcing's, with a batch's events inserted as four arrays.
+
+eventsourcing inserts a batch as one array of a composite type. psycopg dumps composite
+values in Python, field by field, with a regular expression to escape each one: that cost
+~80 µs per event, most of a PostgreSQL commit's CPU (a commit of 64 events took 7.1 ms,
+measured). Here the same ``INSERT … SELECT … FROM unnest(…)`` takes one array per column,
+sent in binary (2.5 ms). The table, its lock, the notification and the tracking record
+are eventsourcing's, unchanged.
+
+Named in the ledger's settings (``coordinator/ledger/store.py``) by its topic, so that it
+is imported, with psycopg, only for a PostgreSQL ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresDatastore, PostgresProcessRecorder
+from psycopg import Cursor
+from psycopg.rows import DictRow
+from psycopg.sql import SQL, Identifier
+
+
+class ArrayInsertRecorder(PostgresProcessRecorder):
+    def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events",
+                 tracking_table_name: str = "notification_tracking") -> None:
+        super().__init__(datastore, events_table_name=events_table_name,
+                         tracking_table_name=tracking_table_name)
+        # Rows go in, and take their notification ids, in the order of the arrays
+        # (ordinality, explicitly): positions must follow the order the writer sealed.
+        self._insert_columns = SQL(
+            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
+            "SELECT e.originator_id, e.originator_version, e.topic, e.state "
+            "FROM unnest(%b::{id_type}[], %b::bigint[], %b::text[], %b::bytea[]) "
+            "WITH ORDINALITY AS e(originator_id, originator_version, topic, state, n) "
+            "ORDER BY e.n "
+            "RETURNING notification_id"
+        ).format(schema=Identifier(datastore.schema), table=Identifier(events_table_name),
+                 id_type=Identifier(datastore.originator_id_type))
+
+    def _insert_stored_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent],
+                              **kwargs: Any) -> None:
+        self._lock_table(curs)  # as eventsourcing: commit order = notification order
+        self._notify_channel(curs)
+        curs.execute(self._insert_columns, (
+            [e.originator_id for e in stored_events],
+            [e.originator_version for e in stored_events],
+            [e.topic for e in stored_events],
+            [e.state for e in stored_events],
+        ))
