@@ -1,4 +1,5 @@
-"""The PostgreSQL recorder: eventsourcing's, with a batch's events inserted as four arrays.
+"""The PostgreSQL recorder: eventsourcing's, with a batch's events inserted as four arrays,
+and the log read as plain rows.
 
 eventsourcing inserts a batch as one array of a composite type. psycopg dumps composite
 values in Python, field by field, with a regular expression to escape each one: that cost
@@ -6,6 +7,10 @@ values in Python, field by field, with a regular expression to escape each one: 
 measured). Here the same ``INSERT … SELECT … FROM unnest(…)`` takes one array per column,
 sent in binary (2.5 ms). The table, its lock, the notification and the tracking record
 are eventsourcing's, unchanged.
+
+Replay reads every event once: ``select_rows`` selects the log's rows as tuples in binary
+(310–335k rows/s, against 80–110k through eventsourcing's ``Notification``s and dict rows,
+measured), as ``Ledger.read_rows`` does on SQLite.
 
 Named in the ledger's settings (``coordinator/ledger/store.py``) by its topic, so that it
 is imported, with psycopg, only for a PostgreSQL ledger.
@@ -19,8 +24,10 @@ from typing import Any
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresDatastore, PostgresProcessRecorder
 from psycopg import Cursor
-from psycopg.rows import DictRow
+from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Identifier
+
+LogRow = tuple[int, Any, int, str, bytes]  # position, aggregate id (a UUID), version, topic, state
 
 
 class ArrayInsertRecorder(PostgresProcessRecorder):
@@ -39,6 +46,18 @@ class ArrayInsertRecorder(PostgresProcessRecorder):
             "RETURNING notification_id"
         ).format(schema=Identifier(datastore.schema), table=Identifier(events_table_name),
                  id_type=Identifier(datastore.originator_id_type))
+        self._select_rows = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state "
+            "FROM {schema}.{table} WHERE notification_id > %s "
+            "ORDER BY notification_id LIMIT %s"
+        ).format(schema=Identifier(datastore.schema), table=Identifier(events_table_name))
+
+    def select_rows(self, after: int, limit: int) -> list[LogRow]:
+        """The log's rows with positions greater than ``after``, in order, as tuples."""
+        with (self.datastore.get_connection() as conn,
+              conn.cursor(row_factory=tuple_row, binary=True) as curs):
+            curs.execute(self._select_rows, (after, limit), prepare=True)
+            return curs.fetchall()
 
     def _insert_stored_events(self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent],
                               **kwargs: Any) -> None:
