@@ -131,9 +131,8 @@ async def run(seconds: float, in_flight: int, workdir: Path, py_spy: Path | None
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     trace = workdir / "stages.json"
-    config = None
+    config, prof_port = None, free_port()
     if nats_profile is not None:
-        prof_port = free_port()
         config = workdir / "nats-profile.conf"
         config.write_text(f"prof_port: {prof_port}\n", encoding="utf-8")
 

@@ -27,7 +27,7 @@ from psycopg import Cursor
 from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Identifier
 
-LogRow = tuple[int, Any, int, str, bytes]  # position, aggregate id (a UUID), version, topic, state
+from coordinator.ledger.store import LogRow
 
 
 class ArrayInsertRecorder(PostgresProcessRecorder):
