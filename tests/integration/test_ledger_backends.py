@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import IntegrityError, Tracking
 
 from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID
 from coordinator.ledger.events import (
@@ -64,6 +64,14 @@ SUBJECTS = Subjects("lm")
 SENT_AT = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 RECORDED_AT = datetime(2025, 1, 2, 3, 4, 6, tzinfo=UTC)
 _codec = Codec()
+
+
+def _said(key: str, first: int, last: int) -> list[Sealed]:
+    """Versions ``first``..``last`` of task ``key``, each a Said event."""
+    return [stamp(Draft(aggregate=Aggregate.TASK, key=key, kind=Kind.SAID, data={"text": "x"},
+                        provenance=Provenance(msg_id=f"{key}-{v}", sender="hop", raw="eA==")),
+                  version=v, prev_hash="00" * 32, recorded_at=RECORDED_AT.isoformat())
+            for v in range(first, last + 1)]
 
 
 def fixed_clock() -> datetime:
@@ -501,6 +509,33 @@ class LedgerContract:
             (s.event.originator_id, s.event.originator_version, s.stored) for s in sealed]
         assert ledger.tracking_position("intake") == 300
 
+    def test_a_tracking_position_that_does_not_advance_refuses_the_whole_batch(
+        self, location: str, ledgers: list[Ledger]
+    ) -> None:
+        """Exactly-once intake: a batch recorded again under a position already recorded
+        (a redelivery a writer failed to skip) stores none of its events."""
+        ledger = open_ledger(location, create=True)
+        ledgers.append(ledger)
+        ledger.append(_said("t1", 1, 2), Tracking("intake", 5))
+        for stale in (5, 4):
+            with pytest.raises(IntegrityError):
+                ledger.append(_said("t2", 1, 2), Tracking("intake", stale))
+        assert [n.originator_id for n in ledger.read(0, 10)] == [task_aggregate_id("t1")] * 2
+        assert ledger.tracking_position("intake") == 5
+
+    def test_an_event_version_already_stored_refuses_the_whole_batch(
+        self, location: str, ledgers: list[Ledger]
+    ) -> None:
+        """Two writers racing on one aggregate: the batch holding the conflicting version
+        stores nothing, not its other events and not its tracking position."""
+        ledger = open_ledger(location, create=True)
+        ledgers.append(ledger)
+        ledger.append(_said("t1", 1, 2), Tracking("intake", 1))
+        with pytest.raises(IntegrityError):
+            ledger.append(_said("t2", 1, 1) + _said("t1", 2, 2), Tracking("intake", 2))
+        assert ledger.last_position() == 2
+        assert ledger.tracking_position("intake") == 1
+
     def test_replay_reads_the_rows_the_log_holds(
         self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
     ) -> None:
@@ -759,3 +794,20 @@ class TestPostgresLedger(LedgerContract):
                 empty.close()
         finally:
             other_gen.close()
+
+    def test_a_ledger_made_before_the_append_function_gets_it_when_opened(
+        self, location: str, ledgers: list[Ledger]
+    ) -> None:
+        """The writer opens its ledger with ``create=True``, which (re)creates the append
+        function beside the tables: a ledger made by an older ledgermesh takes writes."""
+        first = open_ledger(location, create=True)
+        ledgers.append(first)
+        first.append(_said("t1", 1, 1), Tracking("intake", 1))
+        first.close()
+        with self._admin() as db:
+            db.execute(f'DROP FUNCTION "{self._schema_of(location)}".ledger_events_append')
+        ledger = open_ledger(location, create=True)
+        ledgers.append(ledger)
+        stored = ledger.append(_said("t1", 2, 3), Tracking("intake", 2))
+        assert [n.id for n in stored] == [2, 3]
+        assert ledger.tracking_position("intake") == 2
