@@ -512,8 +512,9 @@ class Bus:
 
         At most ``2 * batch`` messages are requested at once, and ``out`` is bounded, so a
         slow reader slows the pulling instead of losing messages. Requests carry their own
-        inbox token so each is accounted for exactly; a request the server forgot (it
-        restarted) expires on our side too, and a new one is issued.
+        inbox token so each is accounted for exactly. After a reconnect new requests go out
+        at once (the server forgot the old ones); a request lost otherwise expires on our
+        side too, and a new one is issued.
         """
         async with out:  # ours to close: the reader sees the end when pulling stops
             await self._pull_into(spec, out, batch, expires, task_status)
@@ -563,9 +564,16 @@ class Bus:
         sub = await self._nc.subscribe(f"{inbox}.*", cb=arrive)
         counter = 0
         missing_since: float | None = None
+        reconnects = self._nc.stats["reconnects"]
         task_status.started()
         try:
             while True:
+                if self._nc.stats["reconnects"] != reconnects:
+                    # A new connection: the requests made on the old one died with it (a
+                    # restarted server forgot them, and a server that lived on saw their
+                    # reply subject go away). Ask again now, not when they would expire.
+                    reconnects = self._nc.stats["reconnects"]
+                    pending.clear()
                 if missing[0]:  # no such consumer (yet): wait for its creator
                     missing[0] = False
                     now = time.monotonic()
@@ -585,7 +593,9 @@ class Bus:
                                            reply=f"{inbox}.{token}")
                     continue
                 now = time.monotonic()
+                # At most half a second: a reconnect must be noticed soon (above).
                 wait = min((p[1] for p in pending.values()), default=now + 0.5) - now
+                wait = min(wait, 0.5)
                 with anyio.move_on_after(max(wait, 0.01)):
                     await ended[0].wait()
                 ended[0] = anyio.Event()
