@@ -455,13 +455,17 @@ def ledger_state(path: Path) -> tuple[dict[str, str], int, int]:
         return {}, 0, 0
     ledger = open_ledger(str(path), create=False)
     try:
+        # Positions first, statuses after: the coordinator commits meanwhile, and statuses
+        # older than the tracking position would show a task it recorded as never recorded
+        # (lost) while everything looks idle.
+        position, tracking = ledger.last_position(), ledger.tracking_position("intake")
         state = replay(ledger)
         statuses = {k: t.status for k, t in state.tasks.items()}
         for n in ledger.read(0, 1_000_000):
             event = msgspec.json.decode(n.state)
             if event["kind"] == Kind.REJECTED:
                 statuses.setdefault(f"msg:{event['msg_id']}", "rejected")
-        return statuses, ledger.last_position(), ledger.tracking_position("intake")
+        return statuses, position, tracking
     finally:
         ledger.close()
 
