@@ -593,9 +593,9 @@ class Bus:
                                            reply=f"{inbox}.{token}")
                     continue
                 now = time.monotonic()
-                # At most half a second: a reconnect must be noticed soon (above).
-                wait = min((p[1] for p in pending.values()), default=now + 0.5) - now
-                wait = min(wait, 0.5)
+                # Until the next request's deadline, at most half a second: a reconnect
+                # must be noticed soon (above).
+                wait = min([0.5, *(p[1] - now for p in pending.values())])
                 with anyio.move_on_after(max(wait, 0.01)):
                     await ended[0].wait()
                 ended[0] = anyio.Event()
