@@ -88,9 +88,9 @@ PROFILES = {
 }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, prog: str = "python -m bench") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog=prog,
         description="Benchmark the 5-hop handoff chain (agents as OS processes, every "
                     "message and handoff recorded before delivery) against the physical "
                     "limit of the design, JetStream, the raw ledger read, and peer "
@@ -552,8 +552,8 @@ def _first(exc: BaseException) -> BaseException:
     return exc
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
+    args = parse_args(argv, prog)
     # Agent processes import bench.chain: make the repository importable wherever we run.
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])

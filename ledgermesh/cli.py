@@ -307,7 +307,7 @@ def _bench(argv: list[str]) -> int:
                          "`ledgermesh bench` (or `python -m bench`)")
     sys.path.insert(0, str(root))
     harness = importlib.import_module("bench.__main__")  # not a dependency of the package
-    return int(harness.main(argv))
+    return int(harness.main(argv, prog="ledgermesh bench"))
 
 
 def _user_error(exc: BaseException) -> BaseException | None:

@@ -186,3 +186,4 @@ def test_unknown_arguments_are_refused_except_by_bench() -> None:
     assert bench.returncode == 0, bench.stderr
     assert "--quick" in bench.stdout
     assert "--peers-python" in bench.stdout
+    assert bench.stdout.startswith("usage: ledgermesh bench ")  # the name that was typed
