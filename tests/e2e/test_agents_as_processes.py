@@ -96,7 +96,8 @@ async def test_tasks_flow_through_the_team_exactly_once(stack: Path, nats_server
             assert [e.kind for e in history] == STORY
             # Every message an agent or client said is recorded exactly once.
             said = Counter(e.msg_id for e in history if e.sender != "coordinator")
-            assert said and max(said.values()) == 1
+            assert said
+            assert max(said.values()) == 1
             # Causal order: each output names the message that caused its delivery, and
             # that message was recorded earlier.
             seen: set[str] = set()

@@ -47,9 +47,11 @@ def test_demo_tells_the_crash_and_the_denial(demo: tuple[dict[str, object], Path
                        "FROM stored_events ORDER BY rowid").fetchall()
     db.close()
     timeouts = [json.loads(d) for k, d in kinds if k == "attempt.timed_out"]
-    assert timeouts and all(t["agent"] == "researcher" for t in timeouts)
+    assert timeouts
+    assert all(t["agent"] == "researcher" for t in timeouts)
     denials = [json.loads(d) for k, d in kinds if k == "tool.denied"]
-    assert denials and {d["rule"] for d in denials} == {"taint"}
+    assert denials
+    assert {d["rule"] for d in denials} == {"taint"}
     assert {d["tool"] for d in denials} == {"payments.refund"}
 
 
@@ -79,7 +81,8 @@ def test_audit_tells_the_story_of_a_task(demo: tuple[dict[str, object], Path]) -
     assert steps[-1] == ("reviewer", "complete", None)
     assert audit["chain_ok"] is True
     human = run_cli("audit", task_id, "--ledger", str(ledger))
-    assert "declined" in human.stdout and "cite the policy section" in human.stdout
+    assert "declined" in human.stdout
+    assert "cite the policy section" in human.stdout
 
 
 def test_an_edited_event_is_detected_and_located(demo: tuple[dict[str, object], Path],
@@ -131,7 +134,8 @@ def test_a_bad_policy_is_reported_with_its_location(tmp_path: Path) -> None:
     policy.write_text('[agents.a]\nhandoff_to = ["ghost"]\ncolour = "blue"\n')
     done = run_cli("policy", "check", str(policy), timeout=30)
     assert done.returncode == 2
-    assert "unknown field `colour`" in done.stderr and "agents.a" in done.stderr
+    assert "unknown field `colour`" in done.stderr
+    assert "agents.a" in done.stderr
     policy.write_text('[agents.a]\nhandoff_to = ["ghost"]\n')
     done = run_cli("policy", "check", str(policy), timeout=30)
     assert "agents.a.handoff_to: unknown agent 'ghost'" in done.stderr
@@ -161,7 +165,8 @@ def test_a_truncated_ledger_is_caught_by_a_saved_checkpoint(
     done = run_cli("replay", "--ledger", str(original), "--verify", "--save-checkpoint",
                    str(saved))
     assert done.returncode == 0, done.stderr
-    assert "signed checkpoints verified" in done.stdout and saved.exists()
+    assert "signed checkpoints verified" in done.stdout
+    assert saved.exists()
     covered = json.loads(saved.read_text())["position"]
     truncated = tmp_path / "truncated.db"
     truncated.write_bytes(original.read_bytes())

@@ -74,11 +74,13 @@ async def test_operator_commands_are_recorded_or_refused_clearly(
     assert done.returncode == 2
     assert done.stderr.startswith("error: refused (not_operator)")
     done = await cli(nats_server, prefix, "agent", "resume", "writer")
-    assert done.returncode == 0 and "recorded: agent.resumed" in done.stdout
+    assert done.returncode == 0
+    assert "recorded: agent.resumed" in done.stdout
 
     human = await cli(nats_server, prefix, "status", "--config", str(POLICY))
     assert human.returncode == 0
-    assert "coordinator: ok" in human.stdout and "not answering" in human.stdout
+    assert "coordinator: ok" in human.stdout
+    assert "not answering" in human.stdout
 
 
 async def test_status_without_a_coordinator_says_so(nats_server: EmbeddedNats, prefix: str) -> None:

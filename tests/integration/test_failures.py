@@ -60,7 +60,8 @@ async def test_an_unanswered_assignment_times_out_is_retried_then_dead_lettered(
     assert (first["attempt"], first["tries"]) == (1, 1)
     assert (retry["attempt"], retry["tries"]) == (2, 2)
     assert retry["delivery"]["id"] != first["delivery"]["id"]  # a new delivery, not a dup
-    assert events[2]["data"]["retry_at"] is not None and events[4]["data"]["retry_at"] is None
+    assert events[2]["data"]["retry_at"] is not None
+    assert events[4]["data"]["retry_at"] is None
     assert "after 2 of 2 attempts" in events[-1]["data"]["reason"]
     # Timer decisions are recorded facts: replay folds them and verifies.
     opened = open_ledger(ledger, create=False)
@@ -68,7 +69,8 @@ async def test_an_unanswered_assignment_times_out_is_retried_then_dead_lettered(
         rebuilt = replay(opened)
     finally:
         opened.close()
-    assert rebuilt.verified and rebuilt.tasks["t-slow"].status == "failed"
+    assert rebuilt.verified
+    assert rebuilt.tasks["t-slow"].status == "failed"
 
 
 async def test_a_handler_that_always_raises_is_dead_lettered_after_max_attempts(

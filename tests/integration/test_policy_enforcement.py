@@ -135,7 +135,8 @@ async def test_injected_instruction_cannot_trigger_a_privileged_tool(
     assert denied["data"]["rule"] == "taint"
     assert denied["data"]["task_labels"] == ["untrusted"]  # provenance of the refusal
     result = next(e for e in events if e["kind"] == Kind.TOOL_COMPLETED)["data"]
-    assert result["labels"] == ["untrusted"] and INJECTED in result["outcome"]["result"]["hits"][0]
+    assert result["labels"] == ["untrusted"]
+    assert INJECTED in result["outcome"]["result"]["hits"][0]
     assert runs == ["search:refund"]  # the refund never ran
     final = next(e for e in events if e["kind"] == Kind.COMPLETED)["data"]["result"]
     assert final.startswith("not refunded: taint:")
@@ -156,7 +157,8 @@ async def test_an_operator_approval_lets_the_privileged_tool_run_within_its_limi
     assert runs == ["search:refund", "refund:1182:100"]
     assert [e["data"]["result"] for e in events if e["kind"] == Kind.COMPLETED] == ["refunded"]
     approval = next(e for e in events if e["kind"] == Kind.TOOL_APPROVED)
-    assert approval["sender"] == "operator" and approval["data"]["reason"] == "verified"
+    assert approval["sender"] == "operator"
+    assert approval["data"]["reason"] == "verified"
 
 
 async def test_argument_limits_and_allow_lists_are_enforced(
@@ -180,8 +182,10 @@ async def test_argument_limits_and_allow_lists_are_enforced(
     assert denied == ["arg_limit"]
     assert runs == ["search:refund"]
     outcome = msgspec.json.decode(reply, type=ToolOutcome)
-    assert not outcome.ok and outcome.error is not None
-    assert outcome.error.type == "denied" and "task_closed" in outcome.error.message
+    assert not outcome.ok
+    assert outcome.error is not None
+    assert outcome.error.type == "denied"
+    assert "task_closed" in outcome.error.message
 
 
 async def test_a_repeated_tool_call_runs_once_and_gets_the_recorded_answer(
@@ -262,7 +266,8 @@ async def test_a_suspended_agent_is_cut_off_and_its_open_task_fails(
         rebuilt = replay(opened)
     finally:
         opened.close()
-    assert rebuilt.verified and rebuilt.principals["quiet"].suspended is False
+    assert rebuilt.verified
+    assert rebuilt.principals["quiet"].suspended is False
 
 
 async def test_a_retryable_tool_failure_is_not_the_final_answer(
