@@ -70,6 +70,7 @@ async def run_tool_host(host: ToolHost, settings: ToolHostSettings, *,
     # Answers by call id: the gateway repeats a call only if it never recorded the answer;
     # this process then answers the same instead of running a side effect twice.
     answered: OrderedDict[str, bytes] = OrderedDict()
+    running: dict[str, anyio.Event] = {}  # call id -> set when its answer is in answered
 
     async def handle(subject: str, data: bytes) -> bytes:
         try:
@@ -77,8 +78,21 @@ async def run_tool_host(host: ToolHost, settings: ToolHostSettings, *,
         except msgspec.DecodeError as exc:
             return encode(ToolOutcome(ok=False, error=Failure(type="malformed",
                                                               message=str(exc))))
+        while (ongoing := running.get(call.call_id)) is not None:
+            await ongoing.wait()  # the same call, still running: its answer, not a 2nd run
         if call.call_id in answered:
             return answered[call.call_id]
+        running[call.call_id] = anyio.Event()
+        try:
+            reply = await run(call)
+        finally:
+            running.pop(call.call_id).set()
+        answered[call.call_id] = reply
+        while len(answered) > host._remember:
+            answered.popitem(last=False)
+        return reply
+
+    async def run(call: ToolInvocation) -> bytes:
         fn = host.tools[call.tool]
         try:
             result = fn(**call.args)
@@ -91,11 +105,7 @@ async def run_tool_host(host: ToolHost, settings: ToolHostSettings, *,
             log.exception("tool %s failed on call %s", call.tool, call.call_id)
             outcome = ToolOutcome(ok=False, error=Failure(
                 type="tool_error", message=f"{type(exc).__name__}: {exc}", retryable=True))
-        reply = encode(outcome)
-        answered[call.call_id] = reply
-        while len(answered) > host._remember:
-            answered.popitem(last=False)
-        return reply
+        return encode(outcome)
 
     # Every host registers under one name: hosts are interchangeable instances.
     name = settings.subjects.service("tools")

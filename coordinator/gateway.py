@@ -1,9 +1,10 @@
 """The tool gateway: agents ask here to run a tool; every call is authorized against the
 policy and recorded — request, decision, result — before the agent hears the answer.
 
-A call's envelope id is its idempotency key: a repeated call is answered from the ledger
-and never runs twice (a call authorized but never answered — a crash in between — is
-run again with the same key, which the tool must honour).
+A call's envelope id is its idempotency key: a repeated call is answered from the ledger,
+or, while its tool still runs, waits for that run's answer; it never runs twice. (A call
+authorized but never answered — a crash in between — is run again with the same key,
+which the tool host honours: it answers a call id it knows instead of running it again.)
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ async def serve_gateway(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
                         subjects: Subjects, policy: Policy, relay: Doorbell, *,
                         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
 
+    running: dict[str, _Running] = {}  # call id -> the run in progress
+
     async def handle(subject: str, data: bytes) -> bytes:
         principal = subject.rsplit(".", 1)[-1]
         try:
@@ -41,15 +44,43 @@ async def serve_gateway(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
         relay.ring()
         if verdict.answer is not None:
             return _encode(verdict.answer)
-        assert verdict.run is not None
-        outcome = await _run(bus, subjects, policy, verdict.run)
-        outcome = await writes.run(writer.record_tool_result, verdict.run.task_id,
-                                   verdict.run.call_id, outcome)
-        relay.ring()
-        return _encode(outcome)
+        call = verdict.run
+        assert call is not None
+        ongoing = running.get(call.call_id)
+        if ongoing is not None:
+            # Its caller stopped waiting and asked again while the tool still runs: the
+            # answer of that run, not a second run (the ledger has no answer to give yet).
+            return await ongoing.answer()
+        ongoing = running[call.call_id] = _Running()
+        try:
+            outcome = await _run(bus, subjects, policy, call)
+            outcome = await writes.run(writer.record_tool_result, call.task_id, call.call_id,
+                                       outcome)
+            relay.ring()
+            ongoing.reply = _encode(outcome)
+        finally:
+            del running[call.call_id]
+            ongoing.done.set()
+        return ongoing.reply
 
     await bus.serve_requests(subjects.tool_gateway_all, "ledgermesh-gateway", handle,
                              task_status=task_status)
+
+
+class _Running:
+    """A tool call being run; repeats of it wait here for its answer."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.reply = b""
+
+    async def answer(self) -> bytes:
+        await self.done.wait()
+        if not self.reply:  # the run ended without a recorded answer: try again later
+            return _encode(ToolOutcome(ok=False, error=Failure(
+                type="unavailable", message="the call's run ended without an answer",
+                retryable=True)))
+        return self.reply
 
 
 async def _run(bus: Bus, subjects: Subjects, policy: Policy,

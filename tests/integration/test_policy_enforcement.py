@@ -14,7 +14,7 @@ import pytest
 
 from agents import Agent, Context, ToolDeniedError, ToolHost
 from agents.tools import ToolHostSettings, run_tool_host
-from bus.client import MSG_ID, Bus
+from bus.client import MSG_ID, Bus, BusError
 from bus.embedded import EmbeddedNats
 from coordinator.ledger.events import Kind
 from coordinator.ledger.replay import replay
@@ -30,6 +30,7 @@ from schemas import (
     SubmitTask,
     SuspendAgent,
     ToolCall,
+    ToolInvocation,
     ToolOutcome,
 )
 from tests import live
@@ -203,6 +204,65 @@ async def test_a_repeated_tool_call_runs_once_and_gets_the_recorded_answer(
     assert first == second
     assert runs == ["search:x"]
     assert [e["kind"] for e in events].count(Kind.TOOL_COMPLETED) == 1
+
+
+def slow_desk() -> tuple[ToolHost, list[str]]:
+    host = ToolHost("slow")
+    runs: list[str] = []
+
+    @host.tool("kb.search")
+    async def search(query: str) -> dict[str, Any]:
+        runs.append(f"search:{query}")
+        await anyio.sleep(1.5)
+        return {"hits": [query]}
+
+    return host, runs
+
+
+async def test_a_call_repeated_while_its_tool_still_runs_waits_for_that_run(
+        nats_server: EmbeddedNats, prefix: str, ledger: str) -> None:
+    """The caller gave up waiting and asked again (as ``Context.tool`` does on a timeout):
+    the repeat gets the running call's answer; the tool's side effect happens once."""
+    host, runs = slow_desk()
+    async with system(nats_server, prefix, ledger, host=host) as bus:
+        await start(bus, prefix, ledger, "t-slow-tool")
+        await until(ledger, lambda e: sum(x["kind"] == Kind.ASSIGNED
+                                          for x in of(e, "t-slow-tool")) == 2)
+        call = _codec.encode(envelope("researcher", "t-slow-tool",
+                                      ToolCall(tool="kb.search", args={"query": "x"}), 2))
+        gateway = Subjects(prefix).tool_gateway("researcher")
+        with pytest.raises(BusError, match="no answer"):
+            await bus.request(gateway, call, 0.3)
+        again = msgspec.json.decode(await bus.request(gateway, call, 10), type=ToolOutcome)
+        events = of(states(ledger), "t-slow-tool")
+    assert again.ok
+    assert again.result == {"hits": ["x"]}
+    assert runs == ["search:x"]
+    assert [e["kind"] for e in events].count(Kind.TOOL_COMPLETED) == 1
+
+
+async def test_a_tool_host_runs_a_call_once_even_when_asked_twice_at_once(
+        nats_server: EmbeddedNats, prefix: str, ledger: str) -> None:
+    """Two gateways' worth of the same call (a coordinator restarted while the tool ran):
+    the host runs it once and gives both the same answer."""
+    host, runs = slow_desk()
+    invocation = msgspec.json.encode(ToolInvocation(
+        call_id="c-twice", tool="kb.search", task_id="t", agent="researcher",
+        args={"query": "y"}))
+    replies: list[bytes] = []
+    async with system(nats_server, prefix, ledger, host=host) as bus:
+
+        async def ask() -> None:
+            replies.append(await bus.request(Subjects(prefix).tool("kb.search"), invocation,
+                                             10))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            tg.start_soon(ask)
+    assert runs == ["search:y"]
+    assert len(replies) == 2
+    assert replies[0] == replies[1]
+    assert msgspec.json.decode(replies[0], type=ToolOutcome).result == {"hits": ["y"]}
 
 
 async def test_a_flood_is_throttled_and_recorded_as_counts(
