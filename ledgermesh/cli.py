@@ -18,6 +18,7 @@ examples:
   ledgermesh demo                                   run the support-desk team end to end
   ledgermesh replay --ledger ./ledgermesh-data/ledger.db --verify
   ledgermesh audit TASK_ID --ledger ./ledgermesh-data/ledger.db
+  ledgermesh export --ledger ./ledgermesh-data/ledger.db --out ledger.jsonl
   ledgermesh coordinator run --nats URL --ledger ledger.db --config ledgermesh.toml
   ledgermesh agent run myapp.agents:writer --nats URL
   ledgermesh submit --nats URL --to triage --title "Refund?" --payload '{"question": "…"}'
@@ -152,6 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--save-checkpoint", type=Path, default=None, metavar="FILE",
                      help="after a clean verify, save the newest signed checkpoint here")
 
+    exp = commands.add_parser(
+        "export", help="the ledger as JSON Lines (one event per line, as relayed)",
+        description="Write recorded events as JSON Lines, in ledger order: one LedgerRecord "
+                    "per line, exactly as the relay publishes it on <prefix>.ledger.… "
+                    "(the stored event bytes, so every hash can be recomputed from the "
+                    "line). For audits, SIEMs and other tools; no NATS needed.",
+        epilog="examples:\n"
+               "  ledgermesh export --ledger ledger.db --out ledger.jsonl\n"
+               "  ledgermesh export --ledger ledger.db --task T-42 | jq .event\n"
+               "  ledgermesh export --ledger ledger.db --after 120000 --out next.jsonl"
+               "   (incremental: after the last position exported before)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("--ledger", required=True, help="SQLite file or postgresql://… URL")
+    exp.add_argument("--out", type=Path, default=None, metavar="FILE",
+                     help="write here (complete or not at all; default: stdout)")
+    exp.add_argument("--after", type=int, default=0, metavar="N",
+                     help="only events after position N (default 0: from the first)")
+    exp.add_argument("--to", type=int, default=None, metavar="N",
+                     help="stop at position N (default: the last)")
+    exp.add_argument("--task", default=None, metavar="TASK_ID", help="only this task's events")
+
     aud = commands.add_parser("audit", help="timeline of one task: who did what, and why")
     aud.add_argument("task_id", metavar="TASK_ID")
     aud.add_argument("--ledger", required=True, help="SQLite file or postgresql://… URL")
@@ -257,6 +279,11 @@ def run(args: argparse.Namespace) -> int:
         return replay_command(args.ledger, to=args.to, verify=args.verify, as_json=args.json,
                               trusted_keys=tuple(args.trusted_key), checkpoint=checkpoint,
                               save_checkpoint=args.save_checkpoint)
+    if args.command == "export":
+        from ledgermesh.export import export_command
+
+        return export_command(args.ledger, args.out, after=args.after, to=args.to,
+                              task_id=args.task)
     if args.command == "audit":
         from ledgermesh.inspect import audit_command
 

@@ -52,11 +52,10 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def log_pages(ledger: Ledger, stop: int, page: int, progress: Callable[[int], None] | None = None
-              ) -> Iterator[Sequence[LogRow]]:
-    """The log in order, a page of rows at a time, up to position ``stop``."""
-    after = 0
-    while rows := ledger.read_rows(after, page):
+def log_pages(ledger: Ledger, stop: int, page: int, progress: Callable[[int], None] | None = None,
+              *, after: int = 0) -> Iterator[Sequence[LogRow]]:
+    """The log in order, a page of rows at a time, after position ``after`` up to ``stop``."""
+    while after < stop and (rows := ledger.read_rows(after, page)):
         if rows[-1][0] > stop:
             rows = [row for row in rows if row[0] <= stop]
             if rows:

@@ -104,10 +104,39 @@ def test_an_edited_event_is_detected_and_located(demo: tuple[dict[str, object], 
     assert "Traceback" not in done.stderr
 
 
+def test_export_writes_every_event_as_a_line(demo: tuple[dict[str, object], Path],
+                                             tmp_path: Path) -> None:
+    result, ledger = demo
+    out = tmp_path / "ledger.jsonl"
+    done = run_cli("export", "--ledger", str(ledger), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    events = result["events"]
+    assert done.stderr.strip() == f"exported {events:,} events (positions 1–{events:,}) to {out}"
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["position"] for r in lines] == list(range(1, len(lines) + 1))
+    assert len(lines) == events
+    stored = sqlite3.connect(ledger).execute(
+        "SELECT rowid, state FROM stored_events ORDER BY rowid").fetchall()
+    assert [(r["position"], r["event"]) for r in lines] == [
+        (rowid, json.loads(state)) for rowid, state in stored]
+    task_id = lines[0]["event"]["key"]
+    one = run_cli("export", "--ledger", str(ledger), "--task", task_id)
+    assert one.returncode == 0, one.stderr
+    audit = json.loads(run_cli("audit", task_id, "--ledger", str(ledger), "--json").stdout)
+    assert len(one.stdout.splitlines()) == audit["events"]
+    missing = run_cli("export", "--ledger", str(ledger), "--task", "t-nobody", "--out",
+                      str(tmp_path / "nobody.jsonl"))
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: no events of task 't-nobody'")
+    assert list(tmp_path.glob("nobody.jsonl*")) == []  # no empty or partial file left
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["replay", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at /nonexistent"),
+        (["export", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at /nonexistent"),
+        (["export", "--ledger", "x.db", "--after", "-1"], "error: --after and --to are"),
         (["audit", "t-1", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at"),
         (["agent", "run", "agents.examples.support:nobody"],
          "error: agents.examples.support:nobody is nothing, not an Agent"),

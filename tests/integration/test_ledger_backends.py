@@ -8,6 +8,7 @@ SQLite always runs; PostgreSQL runs when ``LEDGERMESH_TEST_POSTGRES`` names a DS
 
 from __future__ import annotations
 
+import io
 import os
 import sqlite3
 import uuid
@@ -40,6 +41,7 @@ from coordinator.ledger.store import Ledger, LedgerError, aggregate_text, open_l
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter, Recorded
 from coordinator.policy import Policy
 from coordinator.relay import outbox_items
+from ledgermesh.export import export_ledger
 from schemas import (
     Body,
     Codec,
@@ -150,6 +152,12 @@ def record_scenario(ledger: Ledger) -> list[Recorded]:
 
 def positions_of(ledger: Ledger) -> list[tuple[int, dict[str, object]]]:
     return [(n.id, msgspec.json.decode(n.state)) for n in ledger.read(0, 10_000)]
+
+
+def export_ledger_lines(ledger: Ledger, **options: Any) -> list[bytes]:
+    out = io.BytesIO()
+    export_ledger(ledger, out, **options)
+    return out.getvalue().splitlines()
 
 
 def position_where(ledger: Ledger, key: str, kind: str, nth: int = 0) -> int:
@@ -321,6 +329,19 @@ class LedgerContract:
              EXPECTED_LAST_MSG_ID: SUBJECTS.ledger_msg_id(n.id - 1)} for n in log]
         records = [msgspec.json.decode(data, type=LedgerRecord) for _, data, _ in copies]
         assert [(r.position, bytes(r.event)) for r in records] == [(n.id, n.state) for n in log]
+
+    def test_an_export_holds_the_relayed_records(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        ledger = self.reopen(location, ledgers)
+        _, copies = outbox_items(list(ledger.read(0, 10_000)), SUBJECTS, 0)
+        out = io.BytesIO()
+        done = export_ledger(ledger, out, page=4)  # several pages
+        assert out.getvalue().splitlines() == [data for _, data, _ in copies]
+        assert (done.events, done.first, done.last) == (len(copies), 1, len(copies))
+        t1 = [msgspec.json.decode(line, type=LedgerRecord) for line in
+              export_ledger_lines(ledger, task_id="t1")]
+        assert [r.aggregate_id for r in t1] == [str(task_aggregate_id("t1"))] * 12
 
     def test_restarted_writer_skips_what_tracking_already_holds(
         self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
