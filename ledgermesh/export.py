@@ -60,7 +60,6 @@ def export_ledger(ledger: Ledger, out: BinaryIO, *, after: int = 0, to: int | No
     return Exported(count, first, latest)
 
 
-
 def export_command(location: str, out: Path | None, *, after: int, to: int | None,
                    task_id: str | None) -> int:
     """Export to ``out`` (written whole or not at all) or to stdout; a summary on stderr."""

@@ -131,6 +131,19 @@ def test_export_writes_every_event_as_a_line(demo: tuple[dict[str, object], Path
     assert list(tmp_path.glob("nobody.jsonl*")) == []  # no empty or partial file left
 
 
+def test_a_reader_that_stops_early_is_no_error(demo: tuple[dict[str, object], Path]) -> None:
+    """`ledgermesh export | head -1`: the pipe closes before the export is written."""
+    _, ledger = demo
+    proc = subprocess.Popen([*CLI, "export", "--ledger", str(ledger)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    proc.stdout.close()  # long before the command has imported anything
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141, err
+    assert b"Traceback" not in err
+    assert err == b""
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
