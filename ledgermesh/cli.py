@@ -315,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return run(args)
+    except BrokenPipeError:
+        return _reader_gone()
     except (LedgermeshError, ValueError, BaseExceptionGroup) as exc:
+        if isinstance(exc, BaseExceptionGroup) and exc.subgroup(BrokenPipeError) is not None:
+            return _reader_gone()  # from a task group (`tail`)
         user_error = _user_error(exc)
         if args.debug or user_error is None:
             raise
@@ -323,11 +327,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # The reader went away (`ledgermesh export | head`): stop quietly, as a tool
-        # killed by SIGPIPE would, and keep Python's exit-time flush from complaining.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+
+
+def _reader_gone() -> int:
+    """The reader went away (`ledgermesh export | head`): stop quietly, as a tool killed by
+    SIGPIPE would, and keep Python's exit-time flush of stdout from complaining."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 def _bench(argv: list[str]) -> int:

@@ -32,6 +32,16 @@ async def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
                                        stdin=subprocess.DEVNULL)
 
 
+def reader_gone(command: list[str], env: dict[str, str]) -> tuple[int, bytes]:
+    """Run ``command`` into a pipe whose reader has already gone; its exit code and stderr."""
+    proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
 def test_auth_generate_writes_a_valid_include_and_private_seeds(tmp_path: Path) -> None:
     out = tmp_path / "auth"
     done = subprocess.run([*CLI, "auth", "generate", "--config", str(POLICY), "--out", str(out)],
@@ -93,6 +103,12 @@ async def test_commands_connect_with_their_own_nkey(secured: tuple[EmbeddedNats,
                            "--json", env={"LEDGERMESH_NKEY": str(auth / "observer.nk")})
         assert tailed.returncode == 0, tailed.stderr.decode()
         assert json.loads(tailed.stdout)["kind"] == "task.submitted"
+        # `tail … | head`: the reader closes the pipe; tail stops quietly at its next line.
+        env = {**os.environ, "LEDGERMESH_NKEY": str(auth / "observer.nk")}
+        returncode, err = await anyio.to_thread.run_sync(
+            reader_gone, [*CLI, "tail", *url, "--from-start", "--json"], env)
+        assert returncode == 141, err.decode()
+        assert b"Traceback" not in err
     finally:
         await stop_all(children)
     assert children[0].process.returncode == 0, children[0].log_tail()
