@@ -15,11 +15,11 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from agents.sdk import Agent, Context, Handler
+from agents.sdk import Agent, Context
 from bus.client import Bus, BusError, BusSettings, Credentials, Inbound, PendingAck, open_bus
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer
-from schemas import Body, Codec, Envelope, MalformedMessageError, Subjects, ToolOutcome
+from schemas import Codec, Envelope, MalformedMessageError, Subjects, ToolOutcome
 
 log = logging.getLogger("ledgermesh.agent")
 _outcome = msgspec.json.Decoder(ToolOutcome)
@@ -130,10 +130,8 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
                 continue
             ctx = Context(agent.name, delivery, outbox, settings.clock)
             settings.crash.reached("agent.handler", message.data)
-            body = delivery.envelope.body
-            handler = agent.handler_for(body)
             try:
-                await _handle(agent, handler, ctx, body, counters)
+                await handle(agent, ctx, counters)
                 await ctx.settle()  # every output stored by intake before the ack
             except BusError as exc:
                 # Outputs not stored: leave the delivery unacked so it comes again (same
@@ -145,9 +143,13 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
             await message.ack()
 
 
-async def _handle(agent: Agent, handler: Handler | None, ctx: Context, body: Body,
-                  counters: _Counters) -> None:
-    """Run the handler; an exception escaping it becomes a recorded, retryable failure."""
+async def handle(agent: Agent, ctx: Context, counters: _Counters | None = None) -> None:
+    """Run the agent's handler for ``ctx``'s delivery; an exception escaping it becomes a
+    recorded, retryable failure. (``ledgermesh replay-agent`` runs handlers through this
+    too, so a replay sees what the runtime would have sent.)"""
+    counters = counters or _Counters()
+    body = ctx.delivery.envelope.body
+    handler = agent.handler_for(body)
     try:
         if handler is None:
             await ctx.fail(f"{agent.name} has no handler for {type(body).__name__}")

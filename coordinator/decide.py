@@ -195,11 +195,9 @@ def decide_tool_call(principal: str, raw: bytes, env: Envelope, task: TaskState 
     if (task is not None and env.id in task.tool_calls and env.sender == principal
             and principal in task.participants):
         # Only the caller itself hears a recorded answer again (it may contain anything).
-        known = task.tool_calls[env.id]
-        if known["state"] == "done":
-            return [], ToolVerdict(answer=msgspec.convert(known["outcome"], ToolOutcome))
-        if known["state"] == "denied":
-            return [], ToolVerdict(answer=_denied(known["rule"], known["reason"]))
+        answer = recorded_answer(task.tool_calls[env.id])
+        if answer is not None:
+            return [], ToolVerdict(answer=answer)
         # Authorized but never answered (a crash in between): run it again, same key.
         return [], ToolVerdict(run=_invocation(env, call, task))
     said = Provenance(msg_id=env.id, sender=env.sender, sent_at=env.sent_at.isoformat(),
@@ -230,6 +228,16 @@ def decide_tool_call(principal: str, raw: bytes, env: Envelope, task: TaskState 
                        data={"call_id": env.id, "tool": call.tool, "args": call.args},
                        provenance=decided)
     return [*accepted, requested, authorized], ToolVerdict(run=_invocation(env, call, task))
+
+
+def recorded_answer(known: dict[str, Any]) -> ToolOutcome | None:
+    """The answer a tool call's record gives (``TaskState.tool_calls[call_id]``); None
+    while it has none (authorized and not answered, or answered by a retryable failure)."""
+    if known["state"] == "done":
+        return msgspec.convert(known["outcome"], ToolOutcome)
+    if known["state"] == "denied":
+        return _denied(known["rule"], known["reason"])
+    return None
 
 
 def decide_tool_result(task: TaskState, call_id: str, outcome: ToolOutcome,

@@ -175,6 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop at position N (default: the last)")
     exp.add_argument("--task", default=None, metavar="TASK_ID", help="only this task's events")
 
+    rag = commands.add_parser(
+        "replay-agent", help="run agent code against what a task recorded, and diff",
+        description="Run an agent's handlers again on every delivery the ledger recorded "
+                    "for it in one task (tool calls answered from the ledger, never run; "
+                    "nothing sent), and compare what it says now with what it said then, "
+                    "output by output. Exit 0 if the same, 1 if any delivery differs.",
+        epilog="example:\n  ledgermesh replay-agent agents.examples.support:researcher "
+               "--ledger ./ledgermesh-data/ledger.db --task T-42",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rag.add_argument("spec", metavar="MODULE:ATTR",
+                     help="the Agent to run, e.g. myapp.agents:writer (its name picks the "
+                          "deliveries)")
+    rag.add_argument("--ledger", required=True, help="SQLite file or postgresql://… URL")
+    rag.add_argument("--task", required=True, metavar="TASK_ID", help="the task to replay")
+    rag.add_argument("--json", action="store_true", help="print one JSON object")
+
     aud = commands.add_parser("audit", help="timeline of one task: who did what, and why")
     aud.add_argument("task_id", metavar="TASK_ID")
     aud.add_argument("--ledger", required=True, help="SQLite file or postgresql://… URL")
@@ -285,6 +301,10 @@ def run(args: argparse.Namespace) -> int:
 
         return export_command(args.ledger, args.out, after=args.after, to=args.to,
                               task_id=args.task)
+    if args.command == "replay-agent":
+        from ledgermesh.replay_agent import replay_agent_command
+
+        return replay_agent_command(args.spec, args.ledger, args.task, as_json=args.json)
     if args.command == "audit":
         from ledgermesh.inspect import audit_command
 

@@ -131,6 +131,42 @@ def test_export_writes_every_event_as_a_line(demo: tuple[dict[str, object], Path
     assert list(tmp_path.glob("nobody.jsonl*")) == []  # no empty or partial file left
 
 
+def test_replay_agent_finds_the_code_unchanged_or_shows_what_changed(
+        demo: tuple[dict[str, object], Path]) -> None:
+    _, ledger = demo
+    task_id = sqlite3.connect(ledger).execute(
+        "SELECT json_extract(state, '$.key') FROM stored_events WHERE "
+        "json_extract(state, '$.kind') = 'tool.denied' LIMIT 1").fetchone()[0]
+    for name in ("triage", "researcher", "writer", "reviewer"):
+        same = run_cli("replay-agent", f"agents.examples.support:{name}", "--ledger",
+                       str(ledger), "--task", task_id)
+        assert same.returncode == 0, same.stdout + same.stderr
+        assert same.stdout.strip().endswith("the code does what the ledger recorded")
+    report = run_cli("replay-agent", "agents.examples.support:researcher", "--ledger",
+                     str(ledger), "--task", task_id, "--json")
+    steps = json.loads(report.stdout)["steps"]
+    finished = [s for s in steps if s["verdict"] == "same"]
+    assert len(finished) == 1
+    # The tool calls (kb.search answered, payments.refund denied), two notes, the handoff.
+    assert [b["type"] for b in finished[0]["replayed"]] == [
+        "tool.call", "tool.call", "task.say", "task.say", "handoff.request"]
+    assert finished[0]["unrecorded_tool_calls"] == []
+
+    changed = run_cli("replay-agent", "tests.replay_agents:researcher", "--ledger",
+                      str(ledger), "--task", task_id)
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    assert "differs" in changed.stdout
+    assert 'output 1: recorded tool.call {"tool":"kb.search",' in changed.stdout
+    assert 'now      task.say {"text":"policy 4.2: ' in changed.stdout
+    assert 'now      nothing' in changed.stdout  # it makes 2 outputs where 5 were recorded
+    assert changed.stdout.strip().endswith("deliveries differ")
+
+    nobody = run_cli("replay-agent", "agents.examples.support:researcher", "--ledger",
+                     str(ledger), "--task", "t-nobody")
+    assert nobody.returncode == 2
+    assert nobody.stderr.strip() == "error: no task 't-nobody' in this ledger"
+
+
 def test_a_reader_that_stops_early_is_no_error(demo: tuple[dict[str, object], Path]) -> None:
     """`ledgermesh export | head -1`: the pipe closes before the export is written."""
     _, ledger = demo
