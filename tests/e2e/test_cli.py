@@ -230,7 +230,8 @@ def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path: Path) -> Non
 def test_help_teaches_the_commands() -> None:
     done = run_cli("--help", timeout=30)
     assert done.returncode == 0
-    for command in ("demo", "coordinator", "agent", "submit", "tail", "replay", "audit"):
+    for command in ("demo", "coordinator", "agent", "submit", "tail", "replay", "audit",
+                    "export", "replay-agent"):
         assert command in done.stdout
 
 
