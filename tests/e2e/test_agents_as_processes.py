@@ -6,6 +6,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -78,9 +79,9 @@ async def test_tasks_flow_through_the_team_exactly_once(stack: Path, nats_server
                                                         prefix: str) -> None:
     ids = [f"e2e-{n}" for n in range(3)]
     for task_id in ids:
-        done = await anyio.to_thread.run_sync(lambda t=task_id: submit(
-            nats_server.url, prefix, "--to", "triage", "--title", "Refund?", "--task-id", t,
-            "--payload", '{"question": "Can I get a refund?"}'))
+        done = await anyio.to_thread.run_sync(partial(
+            submit, nats_server.url, prefix, "--to", "triage", "--title", "Refund?",
+            "--task-id", task_id, "--payload", '{"question": "Can I get a refund?"}'))
         assert done.returncode == 0, done.stderr
         assert f"submitted {task_id} to triage (recorded)" in done.stdout
     state = await wait_for(stack, done=3)
