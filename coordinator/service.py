@@ -60,7 +60,7 @@ async def run_coordinator(settings: CoordinatorSettings, *,
     subjects = settings.subjects
     ledger = await anyio.to_thread.run_sync(
         lambda: open_ledger(settings.ledger, create=True))
-    health = Health()
+    health = Health(ledger_position=await anyio.to_thread.run_sync(ledger.last_position))
     # Every write to the ledger, one at a time: inline for SQLite, on a thread for
     # PostgreSQL (whose commits wait on the network).
     writes = LedgerWrites(threaded=is_postgres(settings.ledger))
@@ -75,6 +75,8 @@ async def run_coordinator(settings: CoordinatorSettings, *,
             # instead of both reading it back from the database.
             feed.add(stored)
             checkpointer.follow(stored, events)
+            if stored:
+                health.ledger_position = stored[-1].id
 
         writer = await writes.run(lambda: LedgerWriter(ledger, settings.policy, subjects,
                                                        settings.clock, on_commit=on_commit))

@@ -42,12 +42,12 @@ def status_command(nats_url: str, prefix: str, config: Path, *, nkey: Path | Non
     if coordinator is None:
         style.out(style.red(f"coordinator: not answering on {nats_url} (prefix {prefix})"))
     else:
-        lag = coordinator["intake_position"] - coordinator["relayed_position"]
         state = (style.green("ok") if coordinator["status"] == "ok"
                  else style.red(coordinator["status"]))
         style.out(f"coordinator: {state} · connected {coordinator['connected']} · "
                   f"{coordinator['events_recorded']} events recorded since start · "
-                  f"intake position {coordinator['intake_position']} · relay lag {lag}")
+                  f"ledger position {coordinator['ledger_position']} · relay lag "
+                  f"{coordinator['relay_lag']} events")
         if coordinator["last_error"]:
             style.out(f"  last error: {coordinator['last_error']}")
     for name, agent in report["agents"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -77,9 +78,21 @@ async def test_operator_commands_are_recorded_or_refused_clearly(
     assert done.returncode == 0
     assert "recorded: agent.resumed" in done.stdout
 
+    # The relay catches up with the ledger: the lag is counted in ledger events.
+    with anyio.fail_after(20):
+        while True:
+            coordinator = json.loads((await cli(nats_server, prefix, "status", "--config",
+                                                str(POLICY), "--json")).stdout)["coordinator"]
+            if coordinator["relay_lag"] == 0:
+                break
+            await anyio.sleep(0.2)
+    last = sqlite3.connect(running).execute("SELECT max(rowid) FROM stored_events").fetchone()
+    assert coordinator["ledger_position"] == coordinator["relayed_position"] == last[0]
+    assert last[0] >= 5  # submitted, assigned, approved, suspended, resumed
     human = await cli(nats_server, prefix, "status", "--config", str(POLICY))
     assert human.returncode == 0
     assert "coordinator: ok" in human.stdout
+    assert f"ledger position {last[0]} · relay lag 0 events" in human.stdout
     assert "not answering" in human.stdout
 
 
