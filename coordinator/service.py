@@ -26,6 +26,7 @@ from coordinator.ledger.feed import CommitFeed
 from coordinator.ledger.store import is_postgres, open_ledger
 from coordinator.ledger.writer import LedgerWriter
 from coordinator.ledger_writes import LedgerWrites
+from coordinator.metrics import serve_metrics
 from coordinator.policy import Policy
 from coordinator.relay import serve_relay
 from coordinator.signals import Doorbell
@@ -53,6 +54,7 @@ class CoordinatorSettings:
     signing_seed: str | None = None
     checkpoint_every: int = 1000  # events
     checkpoint_interval_s: float = 30.0
+    metrics: tuple[str, int] | None = None  # serve Prometheus metrics on (host, port)
 
 
 async def run_coordinator(settings: CoordinatorSettings, *,
@@ -115,6 +117,8 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                                        every_s=settings.checkpoint_interval_s))
                 await tg.start(serve_gateway, bus, writer, writes, subjects, settings.policy,
                                doorbell)
+                if settings.metrics is not None:
+                    await tg.start(serve_metrics, health, subjects.prefix, *settings.metrics)
                 await bus.add_service(subjects.service("coordinator"), "0.1.0",
                                       "ledgermesh coordinator", {"prefix": subjects.prefix},
                                       lambda: msgspec.json.encode(health.report()))

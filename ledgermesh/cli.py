@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     coord_run.add_argument("--checkpoint-every", type=float, default=30.0, metavar="SECONDS",
                            help="sign a checkpoint this often while events arrive (and every "
                                 "1000 events; default 30)")
+    coord_run.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                           help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                                "(e.g. 127.0.0.1:9464; :9464 for every interface; "
+                                "default: off)")
     coord_run.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
                            help="nkey seed that signs checkpoints (default: LEDGER.signing.nk "
                                 "next to a SQLite ledger, made on first start)")
@@ -239,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         from ledgermesh.serve import coordinator_run
 
         coordinator_run(args.nats, args.ledger, args.config, args.prefix, args.nkey,
-                        args.signing_key, args.checkpoint_every)
+                        args.signing_key, args.checkpoint_every, args.metrics)
         return 0
     if args.command == "agent" and args.action == "run":
         from ledgermesh.serve import agent_run

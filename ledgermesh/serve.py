@@ -42,7 +42,8 @@ async def run_until_signalled(service: Callable[..., Coroutine[Any, Any, None]])
 
 def coordinator_run(nats_url: str, ledger: str, config: Path, prefix: str,
                     nkey: Path | None = None, signing_key: Path | None = None,
-                    checkpoint_every_s: float = 30.0) -> None:
+                    checkpoint_every_s: float = 30.0, metrics: str | None = None) -> None:
+    address = None if metrics is None else host_port(metrics)  # a typo fails before anything
     subjects = Subjects(prefix)
     settings = CoordinatorSettings(nats_url=nats_url, ledger=ledger,
                                    policy=load_policy(config), subjects=subjects,
@@ -50,12 +51,21 @@ def coordinator_run(nats_url: str, ledger: str, config: Path, prefix: str,
                                    credentials=load_credentials(nkey, subjects, COORDINATOR),
                                    signing_seed=(read_signer(signing_key).seed
                                                  if signing_key is not None else None),
-                                   checkpoint_interval_s=checkpoint_every_s)
+                                   checkpoint_interval_s=checkpoint_every_s,
+                                   metrics=address)
 
     async def service(task_status: TaskStatus[None]) -> None:
         await run_coordinator(settings, task_status=task_status)
 
     anyio.run(run_until_signalled, service)
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``:PORT`` for every interface) as (host, port); ValueError if not."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--metrics takes HOST:PORT (e.g. 127.0.0.1:9464), got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def agent_run(spec: str, nats_url: str, prefix: str, concurrency: int | None,

@@ -188,6 +188,8 @@ def test_a_reader_that_stops_early_is_no_error(demo: tuple[dict[str, object], Pa
         (["replay", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at /nonexistent"),
         (["export", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at /nonexistent"),
         (["export", "--ledger", "x.db", "--after", "-1"], "error: --after and --to are"),
+        (["coordinator", "run", "--ledger", "x.db", "--metrics", "9464"],
+         "error: --metrics takes HOST:PORT (e.g. 127.0.0.1:9464), got '9464'"),
         (["audit", "t-1", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at"),
         (["agent", "run", "agents.examples.support:nobody"],
          "error: agents.examples.support:nobody is nothing, not an Agent"),
