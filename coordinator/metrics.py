@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import anyio
+import msgspec
 from anyio.abc import SocketStream, TaskStatus
 
 from coordinator.health import Health, HealthReport
@@ -20,7 +21,7 @@ log = logging.getLogger("ledgermesh.coordinator.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MAX_REQUEST = 8192  # bytes of request line and headers read; a scrape sends a few hundred
 
-# name, type, help, how to read it from a report
+# name, type, help, the report's field (or healthy: its status as 1 or 0)
 _METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("ledgermesh_coordinator_healthy", "gauge",
      "1 if connected to NATS and writing the ledger, else 0", "healthy"),
@@ -40,11 +41,8 @@ _METRICS: tuple[tuple[str, str, str, str], ...] = (
 
 def exposition(report: HealthReport, prefix: str) -> bytes:
     """The report in Prometheus' text format, every sample labelled with the prefix."""
-    values = {"healthy": int(report.status == "ok"), "connected": int(report.connected),
-              "events_recorded": report.events_recorded,
-              "ledger_position": report.ledger_position,
-              "relayed_position": report.relayed_position, "relay_lag": report.relay_lag,
-              "intake_position": report.intake_position}
+    values = {**msgspec.structs.asdict(report), "healthy": int(report.status == "ok"),
+              "connected": int(report.connected)}
     lines = []
     for name, kind, text, field in _METRICS:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
