@@ -6,6 +6,7 @@ from these Structs (or from the JSON Schema exported from them into ``schemas/js
 
 from __future__ import annotations
 
+from schemas.batch import BATCH_MAX_BYTES, batch_msg_id, is_batch, pack
 from schemas.codec import Codec, canonical
 from schemas.errors import LedgermeshError, MalformedMessageError
 from schemas.ids import uuid5_text
@@ -32,6 +33,7 @@ from schemas.messages import (
 from schemas.subjects import Subjects, is_token
 
 __all__ = [
+    "BATCH_MAX_BYTES",
     "BODY_TYPES",
     "ApproveTool",
     "Body",
@@ -54,7 +56,10 @@ __all__ = [
     "ToolCall",
     "ToolInvocation",
     "ToolOutcome",
+    "batch_msg_id",
     "canonical",
+    "is_batch",
     "is_token",
+    "pack",
     "uuid5_text",
 ]
