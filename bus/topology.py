@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from schemas import Subjects
+from schemas import BATCH_MAX_BYTES, Subjects
 
 DEDUP_WINDOW_S = 120.0
 
@@ -33,7 +33,12 @@ class ConsumerSpec:
     start_after: int = 0
 
 
-def streams(subjects: Subjects, max_msg_size: int = -1) -> tuple[StreamSpec, ...]:
+def streams(subjects: Subjects, max_payload_bytes: int | None = None,
+            ) -> tuple[StreamSpec, ...]:
+    """The three streams; intake's messages limited to twice the policy's
+    ``max_payload_bytes`` (None: no limit) and never below twice a batch's length."""
+    max_msg_size = (-1 if max_payload_bytes is None
+                    else 2 * max(max_payload_bytes, BATCH_MAX_BYTES))
     return (
         # Everything said, deduplicated by Nats-Msg-Id within the window.
         StreamSpec(subjects.intake_stream, (subjects.intake_all,), "limits",

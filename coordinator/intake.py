@@ -19,7 +19,7 @@ from coordinator.health import Health
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter
 from coordinator.ledger_writes import LedgerWrites
 from coordinator.signals import Doorbell
-from schemas import Subjects
+from schemas import Subjects, is_batch
 
 log = logging.getLogger("ledgermesh.coordinator.intake")
 
@@ -41,10 +41,11 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
             if not batch:
                 batch.append(await receive.receive())
                 _take_waiting(receive, batch, batch_max)
-            if len(batch) == 1 and linger > 0:
-                # A lone message often has company on the way (an agent's say is followed
-                # by its handoff, stored a moment later): a short wait for it saves a
-                # whole commit. Never more than once per batch, so load is not held up.
+            if len(batch) == 1 and linger > 0 and not is_batch(batch[0].data):
+                # A lone envelope often has company on the way (an agent that publishes
+                # its say and its handoff one by one): a short wait for it saves a whole
+                # commit. Never more than once per batch, so load is not held up. (A
+                # batch is a handler's whole turn: nothing is to follow it.)
                 with anyio.move_on_after(linger):
                     batch.append(await receive.receive())
                 _take_waiting(receive, batch, batch_max)

@@ -32,7 +32,7 @@ class AgentPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     deadline_s: float = 30.0  # an assignment not finished by then times out
     max_attempts: int = 3  # tries of one step (timeouts, retryable failures)
     tools: tuple[str, ...] = ()  # tools this agent may call
-    rate_per_s: float | None = None  # intake messages per second (token bucket)
+    rate_per_s: float | None = None  # envelopes said per second (token bucket)
     burst: int = 100  # bucket size
 
 

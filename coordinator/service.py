@@ -95,7 +95,7 @@ async def run_coordinator(settings: CoordinatorSettings, *,
         bus_settings = BusSettings.of(settings.nats_url, subjects.service("coordinator"),
                                       settings.credentials)
         async with open_bus(bus_settings, on_bus_event) as bus:
-            await bus.ensure_streams(streams(subjects, settings.policy.max_payload_bytes * 2))
+            await bus.ensure_streams(streams(subjects, settings.policy.max_payload_bytes))
             await bus.ensure_consumer(coordinator_consumer(subjects, writer.position))
             for name, agent in settings.policy.agents.items():
                 # Redeliver an unacked delivery only well after the agent's deadline: a

@@ -40,7 +40,8 @@ _EXPORTS: tuple[_Export, ...] = (
         "envelope.schema.json",
         Envelope,
         "A ledgermesh message, published by an agent or client on the NATS subject "
-        "`<prefix>.intake.<sender>` (one token per part; `<prefix>` defaults to `lm`). "
+        "`<prefix>.intake.<sender>` (one token per part; `<prefix>` defaults to `lm`), alone "
+        "or with others in a JSON array (a batch: docs/protocol.md §7). "
         "`body.type` selects the body. Unknown fields are ignored by the coordinator.",
     ),
     _Export(

@@ -12,6 +12,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from schemas import Codec, MalformedMessageError, is_batch
 from schemas.messages import (
     ApproveTool,
     Body,
@@ -538,6 +539,21 @@ def rejection_identity(key: str, code: str, raw: str, msg_id: str) -> Ident:
     return (key, "id:" + msg_id) if code == "oversize" else (key, "raw:" + raw)
 
 
+def _rejected_parts(bad: BadIntake, data: bytes, msg_id: str,
+                    limit: int) -> list[tuple[bytes, str, frozenset[str]]]:
+    """What a bad message is rejected as: itself, or, if it reads as a batch (a JSON array
+    with elements), each element on its own (none of them is a valid envelope)."""
+    if is_batch(data):
+        try:
+            parts = Codec().split_batch(data)
+        except MalformedMessageError:
+            parts = []
+        if parts:
+            return [(part, f"{msg_id}/{i}", frozenset({"oversize"}) if len(part) > limit
+                     else frozenset({"malformed"})) for i, part in enumerate(parts)]
+    return [(data, msg_id, bad.expected_codes(limit))]
+
+
 def match_rejections(events: list[dict[str, Any]],
                      sent: Iterable[tuple[str, BadIntake, bytes, str]],
                      limit: int) -> tuple[Counter[Ident], Counter[Ident]]:
@@ -547,11 +563,11 @@ def match_rejections(events: list[dict[str, Any]],
     expected: Counter[Ident] = Counter()
     codes: dict[Ident, set[str]] = {}
     for key, bad, data, msg_id in sent:
-        allowed = bad.expected_codes(limit)
-        ident = rejection_identity(key, "oversize" if allowed == {"oversize"} else "",
-                                   base64.b64encode(data).decode(), msg_id)
-        expected[ident] += 1
-        codes.setdefault(ident, set()).update(allowed)
+        for element, element_id, allowed in _rejected_parts(bad, data, msg_id, limit):
+            ident = rejection_identity(key, "oversize" if allowed == {"oversize"} else "",
+                                       base64.b64encode(element).decode(), element_id)
+            expected[ident] += 1
+            codes.setdefault(ident, set()).update(allowed)
     got: Counter[Ident] = Counter()
     for r in (e for e in events if e["kind"] == "message.rejected"):
         where = f"{r['data']['code']}: {r['data']['reason']} (msg {r['msg_id']})"

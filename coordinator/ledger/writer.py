@@ -8,7 +8,7 @@ per ledger.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -39,7 +39,7 @@ from coordinator.ledger.known import MaybeKnown
 from coordinator.ledger.state import PrincipalState, TaskState
 from coordinator.ledger.store import Ledger
 from coordinator.policy import Policy
-from schemas import Codec, MalformedMessageError, Subjects, ToolCall, ToolOutcome
+from schemas import Codec, MalformedMessageError, Subjects, ToolCall, ToolOutcome, is_batch
 
 INTAKE = "intake"  # tracking name of the intake stream
 UNKNOWN_PRINCIPAL = "_unknown"
@@ -106,9 +106,8 @@ class LedgerWriter:
                 top = message.seq
                 principal = (self._subjects.principal_of(message.subject)
                              or UNKNOWN_PRINCIPAL)
-                if not self._admit(principal, now):
-                    continue  # counted; recorded as one principal.throttled per window
-                events += [self._seal(d, now) for d in self._decide(message, principal, now)]
+                for drafts in self._decide(message, principal, now):
+                    events += [self._seal(d, now) for d in drafts]
             return events + self.fallout(events, now)
 
         events, positions = self._commit(decide_all, lambda: Tracking(INTAKE, top)
@@ -180,23 +179,51 @@ class LedgerWriter:
                 del self._tasks[key]
         return events, [n.id for n in stored]
 
-    def _decide(self, message: IntakeMessage, principal: str, now: datetime) -> list[Draft]:
-        msg_id = message.msg_id or f"seq-{message.seq}"
-        if msg_id in self._principal(principal).seen:
-            return []  # rejected before: a resend after JetStream's dedup window
-        if len(message.data) > self._policy.max_payload_bytes:
-            return reject_unreadable(principal, msg_id, b"",
-                                     f"{len(message.data)} bytes exceeds the limit of "
+    def _decide(self, message: IntakeMessage, principal: str,
+                now: datetime) -> Iterator[list[Draft]]:
+        """The drafts for each envelope the message carries (one, or a batch's), an
+        envelope at a time: each is sealed before the next is decided, as the next may be
+        on the same task. Envelopes past the principal's rate are dropped (counted, and
+        recorded as one principal.throttled per window)."""
+        key = message.msg_id or f"seq-{message.seq}"
+        if key in self._principal(principal).seen:
+            return  # rejected before: a resend after JetStream's dedup window
+        if not is_batch(message.data):
+            if self._admit(principal, now):
+                yield self._decide_one(principal, message, message.data, key, message.msg_id,
+                                       now)
+            return
+        try:
+            parts = self._codec.split_batch(message.data, message.subject)
+        except MalformedMessageError as exc:
+            if self._admit(principal, now):
+                yield reject_unreadable(principal, key, message.data, exc.reason)
+            return
+        # A batch's Nats-Msg-Id is not any envelope's id: each envelope is deduplicated by
+        # its own id, and a rejected element is remembered under the batch's id and its place.
+        for i, part in enumerate(parts):
+            element = f"{key}/{i}"
+            if element in self._principal(principal).seen or not self._admit(principal, now):
+                continue
+            yield self._decide_one(principal, message, part, element, None, now)
+
+    def _decide_one(self, principal: str, message: IntakeMessage, data: bytes, key: str,
+                    msg_id: str | None, now: datetime) -> list[Draft]:
+        """The drafts for one envelope's bytes ``data``; ``key`` names it in a rejection,
+        ``msg_id`` is the Nats-Msg-Id it must carry as its id (None: not checked)."""
+        if len(data) > self._policy.max_payload_bytes:
+            return reject_unreadable(principal, key, b"",
+                                     f"{len(data)} bytes exceeds the limit of "
                                      f"{self._policy.max_payload_bytes}", code="oversize")
         try:
-            envelope = self._codec.decode_envelope(message.data, message.subject)
+            envelope = self._codec.decode_envelope(data, message.subject)
         except MalformedMessageError as exc:
-            return reject_unreadable(principal, msg_id, message.data, exc.reason)
+            return reject_unreadable(principal, key, data, exc.reason)
         if envelope.id in self._principal(principal).seen:
             return []
         task = self._task(envelope.task_id)
-        return decide(principal, message.data, envelope, task, self._policy, now,
-                      message.msg_id, self.suspended)
+        return decide(principal, data, envelope, task, self._policy, now, msg_id,
+                      self.suspended)
 
     def record_tool_call(self, principal: str, data: bytes) -> ToolVerdict:
         """Authorize and record a tool call from the gateway; what to do next."""

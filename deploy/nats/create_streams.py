@@ -54,7 +54,7 @@ async def create(url: str, prefix: str, max_payload_bytes: int, replicas: int,
         raise SystemExit(f"cannot connect to NATS at {url} within {wait_s:.0f} s") from None
     js = nc.jetstream(timeout=10)
     try:
-        for spec in streams(Subjects(prefix), max_payload_bytes * 2):
+        for spec in streams(Subjects(prefix), max_payload_bytes):
             wanted = api.StreamConfig(
                 name=spec.name, subjects=list(spec.subjects),
                 retention=api.RetentionPolicy(spec.retention), storage=api.StorageType.FILE,

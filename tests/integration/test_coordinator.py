@@ -44,6 +44,7 @@ from schemas import (
     Say,
     Subjects,
     SubmitTask,
+    batch_msg_id,
     canonical,
 )
 
@@ -444,6 +445,52 @@ async def test_bad_input_is_rejected_with_a_reason_and_the_coordinator_keeps_ser
         deliveries = await stream_messages(h.js, h.subjects.deliver_stream)
         assert [m.subject for m in deliveries] == [h.subjects.deliver("triage")] * 2
         assert [msgspec.json.decode(m.data)["task_id"] for m in deliveries] == ["t1", "t2"]
+
+
+# -- batches ------------------------------------------------------------------------------
+async def test_a_batch_is_recorded_as_its_envelopes_alone_would_be(
+    nats_server: EmbeddedNats, prefix: str, db: str
+) -> None:
+    """Envelopes in one intake message (a JSON array) are each decided as if alone, in
+    order: a bad one is rejected on its own, a resent batch adds nothing."""
+    async with harness(nats_server, prefix, db, SMALL_POLICY) as h, coordinator(h.settings):
+        await h.recorded(await h.say("client", submit("t1-submit", "t1")))
+        say = _codec.encode(envelope("t1-say", "triage", "t1", Say(text="looking"), 1))
+        handoff = _codec.encode(envelope("t1-handoff", "triage", "t1",
+                                         HandoffRequest(to="researcher", reason="r"), 1))
+        garbage = b'{"pad":"not an envelope"}'
+        oversize = b'{"pad":"' + b"x" * 1100 + b'"}'  # over SMALL_POLICY's 1024, alone
+        batch = b"[" + b",".join([say, garbage, oversize, handoff]) + b"]"
+        batch_id = batch_msg_id(["t1-say", "t1-handoff"])
+        ack = await h.say("triage", batch, msg_id=batch_id)
+        await h.recorded(ack)
+
+        assert kinds(h.of("t1")) == [Kind.SUBMITTED, Kind.ASSIGNED, Kind.SAID,
+                                     Kind.HANDOFF_REQUESTED, Kind.ASSIGNED]
+        said = h.of("t1", Kind.SAID)[0]
+        assert said["msg_id"] == "t1-say"
+        assert base64.b64decode(said["raw"]) == say  # the element's own bytes, as received
+        rejected = h.of("triage", Kind.REJECTED)
+        assert [(r["data"]["code"], r["msg_id"]) for r in rejected] == [
+            ("malformed", f"{batch_id}/1"), ("oversize", f"{batch_id}/2")]
+        assert base64.b64decode(rejected[0]["raw"]) == garbage
+        before = h.reader.last_position()
+
+        # The same batch again under another Nats-Msg-Id (JetStream stores it): the
+        # recorded envelopes are known by their ids; the bad ones, as bad messages sent
+        # anew, are rejected anew. An empty batch is one rejection.
+        again = await h.say("triage", batch, msg_id=batch_id + "-again")
+        assert not again.duplicate
+        empty = await h.say("triage", b" []", msg_id="empty")
+        await h.recorded(empty)
+        rejected = h.of("triage", Kind.REJECTED)
+        assert [(r["data"]["code"], r["msg_id"]) for r in rejected[2:]] == [
+            ("malformed", f"{batch_id}-again/1"), ("oversize", f"{batch_id}-again/2"),
+            ("malformed", "empty")]
+        assert "empty batch" in rejected[-1]["data"]["reason"]
+        assert kinds(h.of("t1"))[-1] == Kind.ASSIGNED
+        assert h.reader.last_position() == before + 3
+        assert replay(h.reader).verified
 
 
 # -- relay --------------------------------------------------------------------------------

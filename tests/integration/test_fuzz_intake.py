@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from nats.js import JetStreamContext
 
 from bus.embedded import EmbeddedNats
+from bus.topology import streams
 from coordinator.ledger.events import Aggregate, Kind
 from coordinator.ledger.replay import replay
 from coordinator.ledger.store import Ledger, open_ledger
@@ -63,7 +64,7 @@ handoff_to = ["writer"]
     "fuzz intake policy",
 )
 LIMIT = POLICY.max_payload_bytes
-MAX_MSG_SIZE = 2 * LIMIT  # the intake stream's max_msg_size (coordinator/service.py)
+MAX_MSG_SIZE = streams(Subjects(), LIMIT)[0].max_msg_size  # the intake stream's
 PRINCIPALS = ("client", "triage", "researcher", "writer", "mallory")
 GOOD_TASKS = ("g1", "g2", "g3")
 STALL_S = 8.0  # a healthy coordinator records the whole flood in well under a second
@@ -319,10 +320,11 @@ async def test_a_flood_of_bad_messages_is_rejected_and_the_coordinator_keeps_ser
 
 def check_rejections(subjects: Subjects, events: list[dict[str, Any]],
                      sent: list[tuple[BadIntake, int]]) -> None:
-    """One ``message.rejected`` per bad message in the stream, with an acceptable code and
-    a reason, on the publishing principal's record."""
+    """One ``message.rejected`` per bad message in the stream (per element, for one that
+    reads as a batch), with an acceptable code and a reason, on the publishing principal's
+    record."""
     expected, got = match_rejections(
         events, ((principal_key(subjects, bad.tail), bad, bad.data, bad.msg_id or f"seq-{seq}")
                  for bad, seq in sent), LIMIT)
-    assert sum(got.values()) == len(sent), "rejections == bad messages in the stream"
+    assert sum(got.values()) >= len(sent), "a rejection for each bad message in the stream"
     assert got == expected
