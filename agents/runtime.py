@@ -6,6 +6,7 @@ stream, so a crash before the ack redelivers it and the same output ids are repu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from agents.sdk import Agent, Context
 from bus.client import Bus, BusError, BusSettings, Credentials, Inbound, PendingAck, open_bus
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer
-from schemas import Codec, Envelope, MalformedMessageError, Subjects, ToolOutcome
+from schemas import Codec, Envelope, MalformedMessageError, Subjects, ToolOutcome, pack
 
 log = logging.getLogger("ledgermesh.agent")
 _outcome = msgspec.json.Decoder(ToolOutcome)
@@ -39,8 +40,8 @@ class AgentSettings:
     credentials: Credentials | None = None  # None: an open (dev) server
 
 
-class _IntakeOutbox:
-    """Publishes a handler's outputs to the agent's own intake subject."""
+class _Intake:
+    """Publishes an agent's outputs to its own intake subject; asks its tool gateway."""
 
     def __init__(self, bus: Bus, subjects: Subjects, agent: str, codec: Codec) -> None:
         self._bus = bus
@@ -48,9 +49,12 @@ class _IntakeOutbox:
         self._gateway = subjects.tool_gateway(agent)
         self._codec = codec
 
-    async def send(self, envelope: Envelope) -> PendingAck:
-        return await self._bus.start_publish(self._subject, self._codec.encode(envelope),
-                                             msg_id=envelope.id)
+    async def publish(self, envelopes: list[Envelope]) -> list[PendingAck]:
+        """Put ``envelopes`` on the wire in order, batched (schemas/batch.py), without
+        waiting for the stream's acks."""
+        encoded = [(e.id, self._codec.encode(e)) for e in envelopes]
+        return [await self._bus.start_publish(self._subject, data, msg_id=msg_id)
+                for msg_id, data in pack(encoded)]
 
     async def call_tool(self, envelope: Envelope, timeout: float) -> ToolOutcome:
         # The same envelope (same id) on every try: the gateway answers a repeat from the
@@ -64,6 +68,68 @@ class _IntakeOutbox:
                     raise
                 await anyio.sleep(0.5 * (attempt + 1))
         raise AssertionError("unreachable")
+
+
+class _Turn:
+    """The outputs a handler says in one turn (until it next waits on something): they
+    go out together, once it does, as one intake message. Each ``send`` of the turn
+    returns the turn itself; ``wait`` until the stream has stored all of them."""
+
+    __slots__ = ("envelopes", "published")
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+        self.published: asyncio.Task[list[PendingAck]] | None = None
+
+    async def wait(self, timeout: float = 10.0) -> object:
+        assert self.published is not None
+        for pending in await self.published:
+            await pending.wait(timeout)
+        return None
+
+
+def _observed(task: asyncio.Task[list[PendingAck]]) -> None:
+    """A turn nobody waited for (its handler's delivery was given up on a tool call's
+    error) fails quietly: the delivery comes again and says it again."""
+    if not task.cancelled():
+        task.exception()
+
+
+class _DeliveryOutbox:
+    """One delivery's outbox: batches what its handler says turn by turn, in order."""
+
+    def __init__(self, intake: _Intake) -> None:
+        self._intake = intake
+        self._turn: _Turn | None = None
+        self._last: asyncio.Task[list[PendingAck]] | None = None
+
+    async def send(self, envelope: Envelope) -> _Turn:
+        turn = self._turn
+        if turn is None:
+            # The publishing task runs once the handler waits (or returns): by then the
+            # turn holds everything said meanwhile. It waits for the turn before it, so
+            # turns reach the stream in the order said.
+            turn = self._turn = _Turn()
+            turn.published = asyncio.get_running_loop().create_task(
+                self._publish(turn, self._last))
+            turn.published.add_done_callback(_observed)
+            self._last = turn.published
+        turn.envelopes.append(envelope)
+        return turn
+
+    async def _publish(self, turn: _Turn,
+                       before: asyncio.Task[list[PendingAck]] | None) -> list[PendingAck]:
+        if before is not None and not before.done():
+            await asyncio.wait([before])
+        self._turn = None  # what is said from now on is the next turn's
+        if before is not None and (before.cancelled() or before.exception() is not None):
+            # Storing this turn without the one before would record the outputs out of
+            # order once the delivery comes again and says that one anew.
+            raise BusError("not published: an earlier output of this delivery was not")
+        return await self._intake.publish(turn.envelopes)
+
+    async def call_tool(self, envelope: Envelope, timeout: float) -> ToolOutcome:
+        return await self._intake.call_tool(envelope, timeout)
 
 
 @dataclass
@@ -85,12 +151,12 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
     async with open_bus(bus_settings) as bus:
         # Streams and this agent's consumer are the coordinator's to create (from the
         # policy); until they exist the pull loop waits and says so.
-        outbox = _IntakeOutbox(bus, subjects, agent.name, codec)
+        intake = _Intake(bus, subjects, agent.name, codec)
         send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=concurrency)
         async with anyio.create_task_group() as tg:
             await tg.start(bus.serve_pull, consumer, send)
             for _ in range(concurrency):
-                tg.start_soon(_work, agent, receive.clone(), outbox, codec, settings,
+                tg.start_soon(_work, agent, receive.clone(), intake, codec, settings,
                               counters)
             receive.close()
 
@@ -110,7 +176,7 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
 
 
 async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
-                outbox: _IntakeOutbox, codec: Codec, settings: AgentSettings,
+                intake: _Intake, codec: Codec, settings: AgentSettings,
                 counters: _Counters) -> None:
     async with receive:
         async for message in receive:
@@ -128,7 +194,7 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
                          agent.name, delivery.attempt, delivery.task_id, delivery.deadline)
                 await message.ack()
                 continue
-            ctx = Context(agent.name, delivery, outbox, settings.clock)
+            ctx = Context(agent.name, delivery, _DeliveryOutbox(intake), settings.clock)
             settings.crash.reached("agent.handler", message.data)
             try:
                 await handle(agent, ctx, counters)

@@ -179,8 +179,8 @@ class Context:
         if self.finished:
             raise RuntimeError(f"task {self.task_id}: {self.agent} already handed it on "
                                "or finished it; nothing more may be said")
-        # Outputs go out pipelined; the runtime settles them all before it acks the
-        # delivery, so a handler's say + handoff cost one round trip, not two.
+        # The runtime sends what is said in one turn as one message, and settles every
+        # output before it acks the delivery: a say + handoff cost one round trip.
         self._sent.append(await self._outbox.send(self._envelope(body)))
 
     async def settle(self) -> None:

@@ -4,7 +4,8 @@ the task to the next, and ``hop5`` completes it.
 Each agent runs as its own OS process (``ledgermesh agent run bench.chain:hopN``), exactly
 like a production agent; the policy that allows the chain is written at run time.
 
-Per task the ledger records 20 events from 11 intake messages: submitted + assigned, then
+Per task the ledger records 20 events from 6 intake messages (the submission, and each
+hop's say + handoff or completion as one batch): submitted + assigned, then
 for hop1 said + handoff.requested + assigned, for hop2..hop4 handoff.accepted (implicit) +
 said + handoff.requested + assigned, and for hop5 handoff.accepted + said + completed.
 A task therefore makes **5 hops** (submission → hop1, and four handoffs), each one
@@ -22,7 +23,7 @@ HOPS = 5
 NAMES = tuple(f"hop{i}" for i in range(1, HOPS + 1))
 SUBMITTER = "bench"
 EVENTS_PER_TASK = 20
-INTAKE_MESSAGES_PER_TASK = 11
+INTAKE_MESSAGES_PER_TASK = 6  # 11 envelopes
 
 
 def _make(index: int) -> Agent:
