@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import anyio
 import msgspec
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from agents.sdk import Agent, Context
 from bus.client import Bus, BusError, BusSettings, Credentials, Inbound, PendingAck, open_bus
@@ -41,9 +41,13 @@ class AgentSettings:
 
 
 class _Intake:
-    """Publishes an agent's outputs to its own intake subject; asks its tool gateway."""
+    """Publishes an agent's outputs to its own intake subject; asks its tool gateway.
+    ``tasks``: the agent's task group, where turns published in the background run (so a
+    shutdown cancels a publish in progress)."""
 
-    def __init__(self, bus: Bus, subjects: Subjects, agent: str, codec: Codec) -> None:
+    def __init__(self, bus: Bus, subjects: Subjects, agent: str, codec: Codec,
+                 tasks: TaskGroup) -> None:
+        self.tasks = tasks
         self._bus = bus
         self._subject = subjects.intake(agent)
         self._gateway = subjects.tool_gateway(agent)
@@ -71,28 +75,72 @@ class _Intake:
 
 
 class _Turn:
-    """The outputs a handler says in one turn (until it next waits on something): they
-    go out together, once it does, as one intake message. Each ``send`` of the turn
+    """The outputs a handler says in one turn (until it next waits on something, or
+    returns): they go out together, as one intake message. Each ``send`` of the turn
     returns the turn itself; ``wait`` until the stream has stored all of them."""
 
-    __slots__ = ("envelopes", "published")
+    __slots__ = ("_before", "_intake", "_published", "envelopes")
 
-    def __init__(self) -> None:
+    def __init__(self, intake: _Intake, before: _Turn | None) -> None:
         self.envelopes: list[Envelope] = []
-        self.published: asyncio.Task[list[PendingAck]] | None = None
+        self._intake = intake
+        self._before = before  # published first, so turns reach the stream in order
+        self._published: asyncio.Future[list[PendingAck]] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._published is not None
+
+    def start(self) -> None:
+        """Publish in the background (called once the handler waits on something)."""
+        if self._published is None:
+            self._intake.tasks.start_soon(self._publish_into, self._future())
 
     async def wait(self, timeout: float = 10.0) -> object:
-        assert self.published is not None
-        for pending in await self.published:
+        for pending in await self._acks():
             await pending.wait(timeout)
         return None
 
+    async def _acks(self) -> list[PendingAck]:
+        if self._published is None:
+            # Nothing started it: the handler returned before it next waited (the usual
+            # case). Publish right here: no task, no extra turn of the event loop.
+            await self._publish_into(self._future())
+        assert self._published is not None
+        return await self._published
 
-def _observed(task: asyncio.Task[list[PendingAck]]) -> None:
+    def _future(self) -> asyncio.Future[list[PendingAck]]:
+        future = self._published = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_observed)
+        return future
+
+    async def _publish_into(self, future: asyncio.Future[list[PendingAck]]) -> None:
+        try:
+            future.set_result(await self._publish())
+        except Exception as exc:  # the waiter's to raise, not the task group's
+            future.set_exception(exc)
+        except BaseException:
+            future.cancel()
+            raise
+
+    async def _publish(self) -> list[PendingAck]:
+        before, self._before = self._before, None
+        if before is not None:
+            try:
+                await before._acks()
+            except Exception as exc:
+                # Storing this turn without the one before would record the outputs out
+                # of order once the delivery comes again and says that one anew.
+                raise BusError("not published: an earlier output of this delivery was "
+                               f"not ({exc})") from exc
+        return await self._intake.publish(self.envelopes)
+
+
+def _observed(future: asyncio.Future[list[PendingAck]]) -> None:
     """A turn nobody waited for (its handler's delivery was given up on a tool call's
     error) fails quietly: the delivery comes again and says it again."""
-    if not task.cancelled():
-        task.exception()
+    if not future.cancelled():
+        future.exception()
 
 
 class _DeliveryOutbox:
@@ -101,32 +149,16 @@ class _DeliveryOutbox:
     def __init__(self, intake: _Intake) -> None:
         self._intake = intake
         self._turn: _Turn | None = None
-        self._last: asyncio.Task[list[PendingAck]] | None = None
 
     async def send(self, envelope: Envelope) -> _Turn:
         turn = self._turn
-        if turn is None:
-            # The publishing task runs once the handler waits (or returns): by then the
-            # turn holds everything said meanwhile. It waits for the turn before it, so
-            # turns reach the stream in the order said.
-            turn = self._turn = _Turn()
-            turn.published = asyncio.get_running_loop().create_task(
-                self._publish(turn, self._last))
-            turn.published.add_done_callback(_observed)
-            self._last = turn.published
+        if turn is None or turn.started:
+            turn = self._turn = _Turn(self._intake, before=turn)
+            # Runs once the handler waits on something (if it returns first, the runtime
+            # publishes the turn as it settles): by then the turn holds all it said.
+            asyncio.get_running_loop().call_soon(turn.start)
         turn.envelopes.append(envelope)
         return turn
-
-    async def _publish(self, turn: _Turn,
-                       before: asyncio.Task[list[PendingAck]] | None) -> list[PendingAck]:
-        if before is not None and not before.done():
-            await asyncio.wait([before])
-        self._turn = None  # what is said from now on is the next turn's
-        if before is not None and (before.cancelled() or before.exception() is not None):
-            # Storing this turn without the one before would record the outputs out of
-            # order once the delivery comes again and says that one anew.
-            raise BusError("not published: an earlier output of this delivery was not")
-        return await self._intake.publish(turn.envelopes)
 
     async def call_tool(self, envelope: Envelope, timeout: float) -> ToolOutcome:
         return await self._intake.call_tool(envelope, timeout)
@@ -151,9 +183,9 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
     async with open_bus(bus_settings) as bus:
         # Streams and this agent's consumer are the coordinator's to create (from the
         # policy); until they exist the pull loop waits and says so.
-        intake = _Intake(bus, subjects, agent.name, codec)
         send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=concurrency)
         async with anyio.create_task_group() as tg:
+            intake = _Intake(bus, subjects, agent.name, codec, tg)
             await tg.start(bus.serve_pull, consumer, send)
             for _ in range(concurrency):
                 tg.start_soon(_work, agent, receive.clone(), intake, codec, settings,
