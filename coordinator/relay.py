@@ -122,6 +122,17 @@ async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
         health.relayed_position = position
 
 
+async def relay_rest(bus: Bus, ledger: Ledger, subjects: Subjects, page: int = 512) -> int:
+    """Publish whatever the log holds past the ledger stream's tail, once (at a stop, when
+    the relay itself is gone); the position relayed to."""
+    position = subjects.ledger_position(await bus.last_msg_id(subjects.ledger_stream))
+    while notifications := await anyio.to_thread.run_sync(ledger.read, position, page):
+        deliveries, copies = outbox_items(notifications, subjects, position)
+        await bus.publish_all(deliveries, chain=copies)
+        position = notifications[-1].id
+    return position
+
+
 async def _tail(bus: Bus, subjects: Subjects) -> str | None:
     while True:
         try:

@@ -13,7 +13,7 @@ import msgspec
 from anyio.abc import TaskStatus
 from eventsourcing.persistence import Notification
 
-from bus.client import BusSettings, Credentials, open_bus
+from bus.client import Bus, BusSettings, Credentials, open_bus
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer, coordinator_consumer, streams
 from coordinator.checkpointer import serve_checkpoints
@@ -23,17 +23,18 @@ from coordinator.intake import serve_intake
 from coordinator.ledger.checkpoints import Checkpointer, load_signer
 from coordinator.ledger.events import LedgerEvent
 from coordinator.ledger.feed import CommitFeed
-from coordinator.ledger.store import is_postgres, open_ledger
+from coordinator.ledger.store import Ledger, is_postgres, open_ledger
 from coordinator.ledger.writer import LedgerWriter
 from coordinator.ledger_writes import LedgerWrites
 from coordinator.metrics import serve_metrics
 from coordinator.policy import Policy
-from coordinator.relay import serve_relay
+from coordinator.relay import relay_rest, serve_relay
 from coordinator.signals import Doorbell
 from coordinator.timer import serve_timer
 from schemas import Subjects
 
 log = logging.getLogger("ledgermesh.coordinator")
+STOP_GRACE_S = 5.0  # at a stop, for the last checkpoint and relay pass
 
 
 def utc_now() -> datetime:
@@ -103,28 +104,50 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                 # the old attempt is then fenced off as stale.
                 await bus.ensure_consumer(agent_consumer(subjects, name,
                                                          2 * agent.deadline_s))
-            async with anyio.create_task_group() as tg:
-                # The relay takes what was just committed from the feed; when it reads the
-                # log, it does on its own thread (WAL lets it read while the writer commits).
-                await tg.start(partial(serve_relay, bus, ledger, anyio.CapacityLimiter(1),
-                                       subjects, doorbell, health, settings.crash, feed=feed))
-                await tg.start(serve_intake, bus, writer, writes, subjects, doorbell, health,
-                               settings.batch_max, settings.crash)
-                await tg.start(serve_timer, writer, writes, doorbell, health)
-                await tg.start(partial(serve_checkpoints, writer, ledger, writes, doorbell,
-                                       health, checkpointer,
-                                       every_events=settings.checkpoint_every,
-                                       every_s=settings.checkpoint_interval_s))
-                await tg.start(serve_gateway, bus, writer, writes, subjects, settings.policy,
-                               doorbell)
-                if settings.metrics is not None:
-                    await tg.start(serve_metrics, health, subjects.prefix, *settings.metrics)
-                await bus.add_service(subjects.service("coordinator"), "0.1.0",
-                                      "ledgermesh coordinator", {"prefix": subjects.prefix},
-                                      lambda: msgspec.json.encode(health.report()))
-                log.info("coordinator ready: ledger %s, intake position %d",
-                         settings.ledger, writer.position)
-                task_status.started()
+            try:
+                async with anyio.create_task_group() as tg:
+                    # The relay takes what was just committed from the feed; when it reads the
+                    # log, it does on its own thread (WAL lets it read while the writer commits).
+                    await tg.start(partial(serve_relay, bus, ledger, anyio.CapacityLimiter(1),
+                                           subjects, doorbell, health, settings.crash, feed=feed))
+                    await tg.start(serve_intake, bus, writer, writes, subjects, doorbell, health,
+                                   settings.batch_max, settings.crash)
+                    await tg.start(serve_timer, writer, writes, doorbell, health)
+                    await tg.start(partial(serve_checkpoints, writer, ledger, writes, doorbell,
+                                           health, checkpointer,
+                                           every_events=settings.checkpoint_every,
+                                           every_s=settings.checkpoint_interval_s))
+                    await tg.start(serve_gateway, bus, writer, writes, subjects, settings.policy,
+                                   doorbell)
+                    if settings.metrics is not None:
+                        await tg.start(serve_metrics, health, subjects.prefix, *settings.metrics)
+                    await bus.add_service(subjects.service("coordinator"), "0.1.0",
+                                          "ledgermesh coordinator", {"prefix": subjects.prefix},
+                                          lambda: msgspec.json.encode(health.report()))
+                    log.info("coordinator ready: ledger %s, intake position %d",
+                             settings.ledger, writer.position)
+                    task_status.started()
+            except anyio.get_cancelled_exc_class():
+                # A stop (not a crash): sign what no checkpoint covers yet and relay it, so
+                # that a stopped ledger is signed up to its last event.
+                with anyio.move_on_after(STOP_GRACE_S, shield=True):
+                    await _close_the_record(bus, ledger, writer, writes, checkpointer,
+                                            subjects)
+                raise
     finally:
         writes.close()
         ledger.close()
+
+
+async def _close_the_record(bus: Bus, ledger: Ledger, writer: LedgerWriter,
+                            writes: LedgerWrites, checkpointer: Checkpointer,
+                            subjects: Subjects) -> None:
+    """A last checkpoint and a last relay pass; given up with a warning if either fails
+    (the next start relays what this one could not)."""
+    try:
+        recorded = await writes.run(writer.record_checkpoint, checkpointer)
+        if recorded.positions:
+            log.info("stopping: signed a checkpoint at position %d", recorded.positions[-1])
+        await relay_rest(bus, ledger, subjects)
+    except Exception as exc:  # the ledger's and the bus's errors vary
+        log.warning("stopping: could not sign and relay the last events: %s", exc)

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="policy file (default ./ledgermesh.toml)")
     coord_run.add_argument("--checkpoint-every", type=float, default=30.0, metavar="SECONDS",
                            help="sign a checkpoint this often while events arrive (and every "
-                                "1000 events; default 30)")
+                                "1000 events, and when stopped; default 30)")
     coord_run.add_argument("--metrics", default=None, metavar="HOST:PORT",
                            help="serve Prometheus metrics at http://HOST:PORT/metrics "
                                 "(e.g. 127.0.0.1:9464; :9464 for every interface; "

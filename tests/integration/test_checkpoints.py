@@ -46,6 +46,7 @@ from coordinator.ledger.writer import IntakeMessage, LedgerWriter
 from coordinator.policy import load_policy
 from coordinator.service import CoordinatorSettings, run_coordinator
 from schemas import Codec, Envelope, Say, Subjects, SubmitTask, canonical
+from tests.live import until
 
 TIMEOUT = 15.0
 POLICY = load_policy(
@@ -387,6 +388,44 @@ async def test_the_coordinator_signs_relays_and_a_truncation_is_caught_by_the_st
         ledger.close()
     assert [b.problem for b in breaks] == [
         f"truncated: ledger ends at {keep}, signed checkpoint covers {newest.position}"]
+
+
+async def test_a_stop_signs_and_relays_everything_up_to_the_last_event(
+    nats_server: EmbeddedNats, prefix: str, tmp_path: Path
+) -> None:
+    """Checkpoints far apart (1000 events, an hour): the stop itself signs what none covers,
+    so a stopped ledger verifies with no unsigned tail, and the stream has the signature."""
+    db = str(tmp_path / "ledger.db")
+    subjects = Subjects(prefix)
+    settings = CoordinatorSettings(nats_server.url, db, POLICY, subjects,
+                                   checkpoint_every=1000, checkpoint_interval_s=3600)
+    async with open_bus(BusSettings(nats_server.url, f"{prefix}-auditor")) as bus:
+        async with coordinator(settings):
+            await submit(bus, subjects, range(3))
+            await until(db, lambda events: len(events) == 6, timeout=TIMEOUT)
+            running = await anyio.to_thread.run_sync(states, db)
+            assert Kind.CHECKPOINTED not in [s["kind"] for _, s in running]
+        stopped = await anyio.to_thread.run_sync(states, db)
+        assert stopped[:-1] == running
+        last, event = stopped[-1]
+        assert event["kind"] == Kind.CHECKPOINTED
+        newest = await latest_checkpoint(bus, subjects, wait=1.0)  # relayed as it stopped
+        assert newest is not None
+        assert (newest.at, newest.position) == (last, last - 1)
+
+        # A stop with nothing new to sign adds nothing.
+        async with coordinator(settings):
+            pass
+        assert await anyio.to_thread.run_sync(states, db) == stopped
+
+    ledger = open_ledger(db, create=False)
+    try:
+        result = replay(ledger, against=[newest])
+    finally:
+        ledger.close()
+    assert result.breaks == []
+    assert result.chain.last == newest
+    assert result.chain.unsigned == 0
 
 
 def test_verification_refuses_a_checkpoint_nobody_trusts(tmp_path: Path) -> None:

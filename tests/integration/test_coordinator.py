@@ -263,7 +263,8 @@ async def test_an_intake_consumer_with_per_message_acks_is_replaced_after_the_re
         after = h.events()
         assert after[: len(before)] == before
         assert [(s["key"], s["kind"]) for _, s in after[len(before):]] == [
-            ("t9", Kind.SUBMITTED), ("t9", Kind.ASSIGNED)]
+            ("t9", Kind.SUBMITTED), ("t9", Kind.ASSIGNED),
+            ("checkpoints", Kind.CHECKPOINTED)]  # signed as it stopped
 
 
 async def test_redelivered_intake_after_restart_is_a_no_op(
@@ -283,7 +284,7 @@ async def test_redelivered_intake_after_restart_is_a_no_op(
             await h.recorded(ack)
             await h.relayed()
         before = h.events()
-        assert len(before) == 8
+        assert len(before) == 8 + 1  # and the checkpoint signed as it stopped
 
         # The durable consumer forgets what was acked: made anew delivering from seq 1 (a
         # coordinator would start it after the recorded position), it delivers it all again.
@@ -594,7 +595,9 @@ async def test_relay_publishes_every_event_once_in_order_across_restarts(
             await h.recorded(ack)
             second = await check_relayed(h)
             assert second[: len(first)] == first
-            assert len(second) == len(first) + 2
+            # The first stop signed a checkpoint and relayed it; then the new task.
+            assert [s["kind"] for _, s in second[len(first):]] == [
+                Kind.CHECKPOINTED, Kind.SUBMITTED, Kind.ASSIGNED]
         await dedup_window_passes()
 
         # And once more with nothing new: still nothing relayed twice.
@@ -602,7 +605,8 @@ async def test_relay_publishes_every_event_once_in_order_across_restarts(
             ack = await h.say("triage", envelope("c9", "triage", "t9", Complete(result="ok"), 1))
             await h.recorded(ack)
             third = await check_relayed(h)
-            assert len(third) == len(second) + 1
+            assert [s["kind"] for _, s in third[len(second):]] == [
+                Kind.CHECKPOINTED, Kind.COMPLETED]
 
 
 async def test_events_committed_but_not_relayed_before_a_crash_are_relayed_once(
@@ -632,14 +636,15 @@ async def test_events_committed_but_not_relayed_before_a_crash_are_relayed_once(
         finally:
             ledger.close()
         info = await h.js.stream_info(h.subjects.ledger_stream)
-        assert info.state.messages == 2
-        assert h.reader.last_position() == 4
+        assert info.state.messages == 3  # t1's two and the checkpoint its stop signed
+        assert h.reader.last_position() == 5
 
         async with coordinator(h.settings):
             events = await check_relayed(h)
             assert [(s["key"], s["kind"]) for _, s in events] == [
                 ("t1", Kind.SUBMITTED),
                 ("t1", Kind.ASSIGNED),
+                ("checkpoints", Kind.CHECKPOINTED),
                 ("t2", Kind.SUBMITTED),
                 ("t2", Kind.ASSIGNED),
             ]
@@ -651,5 +656,5 @@ async def test_events_committed_but_not_relayed_before_a_crash_are_relayed_once(
             ack = await h.say("client", submit("s3", "t3"))
             await h.recorded(ack)
             events = await check_relayed(h)
-            assert len(events) == 6
+            assert len(events) == 7
             assert len(h.of("t2")) == 2
