@@ -512,8 +512,10 @@ class Bench:
         p = self.profile
         notes = [
             "handoffs/s = 5 × tasks completed per second: each task makes 5 recorded, "
-            "delivered hops (submission → hop1, then 4 handoffs); 20 ledger events and 11 "
-            "intake messages per task",
+            "delivered hops (submission → hop1, then 4 handoffs); per task "
+            f"{chain.EVENTS_PER_TASK} ledger events from 11 envelopes in "
+            f"{chain.INTAKE_MESSAGES_PER_TASK} intake messages (a hop's say and handoff "
+            "travel as one batch)",
             "handoff latency = time between the ledger's recorded_at of consecutive "
             "assignments of a task (last: assignment of hop5 → task.completed); baseline "
             "(a) the same between its rows; peers: task time / 5",
