@@ -29,12 +29,20 @@ from schemas import Codec, Envelope, Subjects, SubmitTask, canonical
 AGENTS = {a.name: a for a in (chain.hop1, chain.hop2, chain.hop3, chain.hop4, chain.hop5)}
 
 
+class _Kept:
+    """An output the collector kept: stored as soon as said."""
+
+    async def wait(self, timeout: float = 10.0) -> object:
+        return None
+
+
 class _Collect:
     def __init__(self) -> None:
         self.sent: list[Envelope] = []
 
-    async def send(self, envelope: Envelope) -> None:
+    async def send(self, envelope: Envelope) -> _Kept:
         self.sent.append(envelope)
+        return _Kept()
 
     async def call_tool(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("the bench chain calls no tools")

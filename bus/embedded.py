@@ -179,7 +179,7 @@ async def _stop(proc: subprocess.Popen[bytes]) -> None:
     # SIGTERM first: the server flushes and closes the JetStream store cleanly.
     proc.terminate()
     with anyio.move_on_after(_STOP_TIMEOUT):
-        while proc.poll() is None:
+        while proc.poll() is None:  # noqa: ASYNC110 - a child's exit is polled (no watcher)
             await anyio.sleep(_POLL_INTERVAL)
     if proc.poll() is None:
         proc.kill()
@@ -226,8 +226,9 @@ async def open_embedded_nats(
     else:
         raise NatsServerNotFoundError(binary)
 
-    store_dir = Path(store_dir).absolute()
-    store_dir.mkdir(parents=True, exist_ok=True)
+    store = await anyio.Path(store_dir).absolute()
+    await store.mkdir(parents=True, exist_ok=True)
+    store_dir = Path(store)
     log_file = store_dir / _LOG_NAME
     argv = [str(exe), "-a", host, "-p", str(port or -1), "-js", "-sd", str(store_dir)]
     if config_file is not None:

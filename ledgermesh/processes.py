@@ -67,7 +67,7 @@ async def stop_all(children: list[Child], timeout: float = 10.0) -> None:
         if child.alive():
             child.process.send_signal(signal.SIGTERM)
     with anyio.move_on_after(timeout):
-        while any(child.alive() for child in children):
+        while any(child.alive() for child in children):  # noqa: ASYNC110 - exits are polled
             await anyio.sleep(0.05)
     for child in children:
         if child.alive():

@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -91,7 +90,7 @@ async def until(ledger: str, done: Callable[[Events], bool], timeout: float = 20
     """Poll the ledger until ``done(events)``; TimeoutError after ``timeout`` seconds."""
     with anyio.fail_after(timeout):
         while True:
-            if Path(ledger).exists():
+            if await anyio.Path(ledger).exists():
                 events = recorded(ledger)
                 if done(events):
                     return events

@@ -64,7 +64,7 @@ def submit(nats_url: str, prefix: str, *args: str) -> subprocess.CompletedProces
 async def wait_for(ledger: Path, done: int) -> Replay:
     with anyio.fail_after(60):
         while True:
-            if ledger.exists():
+            if await anyio.Path(ledger).exists():
                 opened = open_ledger(str(ledger), create=False)
                 try:
                     state = replay(opened)

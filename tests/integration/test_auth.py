@@ -18,12 +18,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
 import nats
 import pytest
 from anyio.from_thread import start_blocking_portal
+from nats.aio.client import Client as NATS
 from nats.js import api
 
 from agents import Agent, Context, ToolHost
@@ -107,7 +109,7 @@ async def _create_topology(world: World) -> None:
 
 @asynccontextmanager
 async def connect(world: World, principal: str,
-                  timeout: float = REFUSED_WITHIN,  # noqa: ASYNC109 - the Bus's own deadline
+                  timeout: float = REFUSED_WITHIN,  # the Bus's own deadline
                   ) -> AsyncIterator[tuple[Bus, list[str]]]:
     """A Bus as ``principal``, and the server's complaints about it (permission errors)."""
     notes: list[str] = []
@@ -117,7 +119,7 @@ async def connect(world: World, principal: str,
 
 @asynccontextmanager
 async def raw(world: World, principal: str,
-              errors: list[str] | None = None) -> AsyncIterator[nats.NATS]:
+              errors: list[str] | None = None) -> AsyncIterator[NATS]:
     """Raw nats-py as ``principal``: for requests the Bus never makes."""
     creds = world.credentials(principal)
 
@@ -147,7 +149,7 @@ async def stored(world: World, stream: str) -> list[tuple[str, bytes]]:
                 msg = await js.get_msg(stream, seq)
             except nats.js.errors.NotFoundError:
                 continue
-            out.append((msg.subject, bytes(msg.data or b"")))
+            out.append((msg.subject or "", bytes(msg.data or b"")))
         return out
 
 
@@ -372,7 +374,7 @@ def _upper(text: str) -> dict[str, str]:
 async def test_a_task_completes_end_to_end_with_auth_on(world: World, tmp_path: Path) -> None:
     s = world.subjects
     task_id = f"t-{uuid.uuid4().hex[:8]}"
-    seen: list[dict[str, object]] = []
+    seen: list[dict[str, Any]] = []
     decode = msgspec.json.Decoder(LedgerRecord).decode
     async with anyio.create_task_group() as tg:
         await tg.start(run_coordinator, CoordinatorSettings(

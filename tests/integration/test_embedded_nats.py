@@ -70,7 +70,7 @@ async def test_fresh_server_reports_and_stops(tmp_path: Path) -> None:
             assert info_line.startswith(b"INFO ")
             await stream.aclose()
         assert not _alive(srv.pid)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="connection attempts failed"):
             await anyio.connect_tcp(srv.host, srv.port)
 
 
