@@ -216,7 +216,8 @@ def decide_tool_call(principal: str, raw: bytes, env: Envelope, task: TaskState 
     requested = Draft(aggregate=Aggregate.TASK, key=env.task_id, kind=Kind.TOOL_REQUESTED,
                       data={"call_id": env.id, "tool": call.tool, "args": call.args},
                       provenance=said)
-    denial = policy.tool_denial(env.sender, call.tool, call.args, task.labels, task.approvals)
+    denial = policy.tool_denial(env.sender, call.tool, call.args, task.labels, task.approvals,
+                                env.task_id)
     if denial is not None:
         rule, reason = denial
         denied = Draft(aggregate=Aggregate.TASK, key=env.task_id, kind=Kind.TOOL_DENIED,

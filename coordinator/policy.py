@@ -65,8 +65,10 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         return float(min(self.retry_backoff_s * 2.0 ** max(tries - 1, 0), 30.0))
 
     def tool_denial(self, agent: str, tool: str, args: dict[str, object],
-                    labels: list[str], approved: list[str]) -> tuple[str, str] | None:
-        """(rule, reason) that forbids this call, or None if policy allows it."""
+                    labels: list[str], approved: list[str],
+                    task_id: str = "TASK_ID") -> tuple[str, str] | None:
+        """(rule, reason) that forbids this call on task ``task_id``, or None if policy
+        allows it."""
         spec = self.tools.get(tool)
         if spec is None:
             return "unknown_tool", f"no tool named {tool!r} in the policy"
@@ -80,7 +82,7 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         if spec.privileged and tainted and tool not in approved:
             return ("taint", f"{tool} is privileged and the task is labelled "
                              f"{', '.join(tainted)}: an operator must approve it "
-                             f"(ledgermesh approve TASK --tool {tool})")
+                             f"(ledgermesh approve {task_id} --tool {tool})")
         return None
 
     def may_submit(self, principal: str) -> bool:

@@ -135,6 +135,8 @@ async def test_injected_instruction_cannot_trigger_a_privileged_tool(
     denied = next(e for e in events if e["kind"] == Kind.TOOL_DENIED)
     assert denied["data"]["rule"] == "taint"
     assert denied["data"]["task_labels"] == ["untrusted"]  # provenance of the refusal
+    # ...and the command that lifts it, ready to paste.
+    assert "(ledgermesh approve t-inject --tool payments.refund)" in denied["data"]["reason"]
     result = next(e for e in events if e["kind"] == Kind.TOOL_COMPLETED)["data"]
     assert result["labels"] == ["untrusted"]
     assert INJECTED in result["outcome"]["result"]["hits"][0]
