@@ -22,6 +22,23 @@ class TimelineEntry(msgspec.Struct, frozen=True, kw_only=True):
     recorded_at: str
 
 
+class Hop(msgspec.Struct, frozen=True, kw_only=True):
+    """One assignment of the task: who got it, and how."""
+
+    agent: str
+    via: str  # "submit", "handoff", "declined" (handed back) or "retry"
+    note: str  # why: the decline and its reason, or what ended the attempt retried
+    version: int  # the assignment's place in the task's history
+
+
+class Denial(msgspec.Struct, frozen=True, kw_only=True):
+    version: int
+    agent: str
+    tool: str
+    rule: str
+    because: str  # what put the labels on the task the rule looked at, if anything did
+
+
 class Audit(msgspec.Struct, frozen=True, kw_only=True):
     task_id: str
     status: str
@@ -30,6 +47,9 @@ class Audit(msgspec.Struct, frozen=True, kw_only=True):
     agents: list[str]
     chain_ok: bool
     chain_problem: str | None
+    submitter: str
+    path: list[Hop]
+    denials: list[Denial]
     timeline: list[TimelineEntry]
 
 
@@ -54,7 +74,55 @@ def audit_task(ledger: Ledger, task_id: str) -> Audit:
             status = "failed"
     return Audit(task_id=task_id, status=status, events=len(history), attempts=attempts,
                  agents=agents, chain_ok=problem is None, chain_problem=problem,
-                 timeline=timeline)
+                 submitter=history[0].sender, path=_path(history),
+                 denials=_denials(history), timeline=timeline)
+
+
+def _path(history: list[LedgerEvent]) -> list[Hop]:
+    """Every assignment, with what led to it (the events just before it say)."""
+    hops: list[Hop] = []
+    via, note = "submit", ""
+    for event in history:
+        data = event.data
+        if event.kind == Kind.HANDOFF_REQUESTED:
+            via, note = "handoff", ""
+        elif event.kind == Kind.HANDOFF_DECLINED:
+            via, note = "declined", f"declined: {data['reason']}"
+        elif event.kind == Kind.TIMED_OUT:
+            via, note = "retry", "timed out"
+        elif event.kind == Kind.ATTEMPT_FAILED:
+            via, note = "retry", f"failed: {data.get('reason', '')}".rstrip(": ")
+        elif event.kind == Kind.ASSIGNED:
+            hops.append(Hop(agent=data["agent"], via=via, note=note,
+                            version=event.originator_version))
+    return hops
+
+
+def _denials(history: list[LedgerEvent]) -> list[Denial]:
+    """Refused tool calls, each with the tool result that labelled the task, if any."""
+    callers: dict[str, str] = {}
+    labelled: dict[str, str] = {}  # label -> "tool #version" that first put it on the task
+    out: list[Denial] = []
+    for event in history:
+        data = event.data
+        if event.kind == Kind.TOOL_REQUESTED:
+            callers[data["call_id"]] = event.sender
+        elif event.kind == Kind.TOOL_COMPLETED:
+            tool = data.get("tool") or _tool_of(history, data["call_id"])
+            for label in data.get("labels", []):
+                labelled.setdefault(label, f"{tool} #{event.originator_version}")
+        elif event.kind == Kind.TOOL_DENIED:
+            sources = [f"{label} by {labelled[label]}" for label in data["task_labels"]
+                       if label in labelled]
+            out.append(Denial(version=event.originator_version,
+                              agent=callers.get(data["call_id"], "?"), tool=data["tool"],
+                              rule=data["rule"], because=", ".join(sources)))
+    return out
+
+
+def _tool_of(history: list[LedgerEvent], call_id: str) -> str:
+    return next((e.data["tool"] for e in history
+                 if e.kind == Kind.TOOL_REQUESTED and e.data["call_id"] == call_id), "?")
 
 
 def _entry(event: LedgerEvent) -> TimelineEntry | None:
@@ -123,7 +191,12 @@ def render_audit(audit: Audit, style: Style, indent: str = "") -> list[str]:
     chain = (style.green("chain ✓") if audit.chain_ok
              else style.red(f"chain BROKEN: {audit.chain_problem}"))
     lines = [f"{indent}{style.bold(audit.task_id)}  {audit.status} after {audit.attempts} "
-             f"assignments across {len(audit.agents)} agents, {audit.events} events, {chain}"]
+             f"assignments across {len(audit.agents)} agents, {audit.events} events, {chain}",
+             f"{indent}path: {_render_path(audit, style)}"]
+    for d in audit.denials:
+        because = f"; task labelled {d.because}" if d.because else ""
+        lines.append(f"{indent}{style.red('denied')}: {d.agent} → tool {d.tool} "
+                     f"(#{d.version}, {d.rule}{because})")
     for e in audit.timeline:
         arrow = f"→ {e.to:<11}" if e.to else " " * 13
         kind = f"{e.kind:<9}"
@@ -133,3 +206,18 @@ def render_audit(audit: Audit, style: Style, indent: str = "") -> list[str]:
             kind = style.yellow(kind)
         lines.append(f"{indent}#{e.version:<3} {e.actor:<11}{arrow}{kind}  {e.summary}")
     return lines
+
+
+_VIA = {"submit": "→", "handoff": "→", "declined": "↩", "retry": "⟳"}
+
+
+def _render_path(audit: Audit, style: Style) -> str:
+    """``client → triage → researcher ⟳ researcher (timed out) → … ✓ completed``."""
+    parts = [audit.submitter]
+    for hop in audit.path:
+        note = f" ({hop.note})" if hop.note else ""
+        text = f"{_VIA.get(hop.via, '→')} {hop.agent}{note}"
+        parts.append(style.yellow(text) if hop.via in ("declined", "retry") else text)
+    end = {"completed": style.green("✓ completed"), "failed": style.red("✗ failed")}
+    parts.append(end.get(audit.status, f"… {audit.status}"))
+    return " ".join(parts)

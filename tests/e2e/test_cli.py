@@ -82,9 +82,41 @@ def test_audit_tells_the_story_of_a_task(demo: tuple[dict[str, object], Path]) -
     assert ("reviewer", "declined", "writer") in steps
     assert steps[-1] == ("reviewer", "complete", None)
     assert audit["chain_ok"] is True
-    human = run_cli("audit", task_id, "--ledger", str(ledger))
+    # The path: every assignment and what led to it. The warranty question is the one
+    # whose research attempt crashes its researcher: it is retried.
+    (warranty,) = sqlite3.connect(ledger).execute(
+        "SELECT json_extract(state, '$.key') FROM stored_events WHERE json_extract(state, "
+        "'$.kind') = 'task.submitted' AND json_extract(state, '$.data.title') LIKE "
+        "'%warranty%'").fetchone()
+    audit = json.loads(run_cli("audit", warranty, "--ledger", str(ledger), "--json").stdout)
+    path = [(h["via"], h["agent"]) for h in audit["path"]]
+    assert audit["submitter"] == "client"
+    assert path[:2] == [("submit", "triage"), ("handoff", "researcher")]
+    assert ("retry", "researcher") in path
+    assert ("declined", "writer") in path
+    assert path[-1] == ("handoff", "reviewer")
+    human = run_cli("audit", warranty, "--ledger", str(ledger))
     assert "declined" in human.stdout
     assert "cite the policy section" in human.stdout
+    assert "path: client → triage → researcher ⟳ researcher (timed out) → writer" in human.stdout
+    assert "↩ writer (declined: cite the policy section) → reviewer ✓ completed" in human.stdout
+
+
+def test_audit_names_a_refused_tool_call_and_what_tainted_the_task(
+        demo: tuple[dict[str, object], Path]) -> None:
+    _, ledger = demo
+    (task_id,) = sqlite3.connect(ledger).execute(
+        "SELECT DISTINCT json_extract(state, '$.key') FROM stored_events "
+        "WHERE json_extract(state, '$.kind') = 'tool.denied'").fetchone()
+    audit = json.loads(run_cli("audit", task_id, "--ledger", str(ledger), "--json").stdout)
+    (denial,) = audit["denials"]
+    labelled = next(e for e in audit["timeline"] if "labels the task" in e["summary"])
+    assert denial == {"version": denial["version"], "agent": "researcher",
+                      "tool": "payments.refund", "rule": "taint",
+                      "because": f"untrusted by kb.search #{labelled['version']}"}
+    human = run_cli("audit", task_id, "--ledger", str(ledger)).stdout
+    assert (f"denied: researcher → tool payments.refund (#{denial['version']}, taint; task "
+            f"labelled untrusted by kb.search #{labelled['version']})") in human
 
 
 def test_an_edited_event_is_detected_and_located(demo: tuple[dict[str, object], Path],
