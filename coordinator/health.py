@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import msgspec
+
+from coordinator.ledger.events import Kind, LedgerEvent
+
+_REASON_CHARS = 200  # of a rejection's reason kept for the report
 
 
 class HealthReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -16,6 +21,11 @@ class HealthReport(msgspec.Struct, frozen=True, kw_only=True):
     relay_lag: int  # ledger events not yet on the ledger stream (or delivered)
     events_recorded: int
     last_error: str | None
+    # Per principal, since this coordinator started: outputs rejected (and the last
+    # rejection, "code: reason"), and envelopes a rate limit dropped.
+    rejected: dict[str, int] = {}
+    last_rejection: dict[str, str] = {}
+    throttled: dict[str, int] = {}
 
 
 @dataclass
@@ -29,11 +39,25 @@ class Health:
     events_recorded: int = 0
     last_error: str | None = None
     ledger_failing: bool = False
+    rejected: dict[str, int] = field(default_factory=dict)
+    last_rejection: dict[str, str] = field(default_factory=dict)
+    throttled: dict[str, int] = field(default_factory=dict)
 
     def recorded(self, events: int, position: int) -> None:
         self.events_recorded += events
         self.intake_position = position
         self.ledger_failing = False
+
+    def count(self, events: Iterable[LedgerEvent]) -> None:
+        """Count what a commit rejected or throttled, by the principal it came from."""
+        for event in events:
+            if event.kind == Kind.REJECTED:
+                principal = event.data.get("subject_principal", event.sender)
+                self.rejected[principal] = self.rejected.get(principal, 0) + 1
+                self.last_rejection[principal] = (
+                    f"{event.data['code']}: {event.data['reason']}"[:_REASON_CHARS])
+            elif event.kind == Kind.THROTTLED:
+                self.throttled[event.key] = self.throttled.get(event.key, 0) + event.data["count"]
 
     def ledger_error(self, text: str) -> None:
         self.last_error = text
@@ -46,4 +70,7 @@ class Health:
                             ledger_position=self.ledger_position,
                             relayed_position=self.relayed_position,
                             relay_lag=max(0, self.ledger_position - self.relayed_position),
-                            events_recorded=self.events_recorded, last_error=self.last_error)
+                            events_recorded=self.events_recorded, last_error=self.last_error,
+                            rejected=dict(self.rejected),
+                            last_rejection=dict(self.last_rejection),
+                            throttled=dict(self.throttled))

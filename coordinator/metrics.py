@@ -39,6 +39,18 @@ _METRICS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
+# name, help, the report's field: counters by principal (names are subject tokens, so
+# they need no escaping as label values)
+_BY_PRINCIPAL: tuple[tuple[str, str, str], ...] = (
+    ("ledgermesh_rejected_total",
+     "Intake envelopes rejected since the coordinator started, by the principal they came "
+     "from", "rejected"),
+    ("ledgermesh_throttled_total",
+     "Intake envelopes a rate limit dropped since the coordinator started, by principal",
+     "throttled"),
+)
+
+
 def exposition(report: HealthReport, prefix: str) -> bytes:
     """The report in Prometheus' text format, every sample labelled with the prefix."""
     values = {**msgspec.structs.asdict(report), "healthy": int(report.status == "ok"),
@@ -47,6 +59,10 @@ def exposition(report: HealthReport, prefix: str) -> bytes:
     for name, kind, text, field in _METRICS:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
                   f'{name}{{prefix="{prefix}"}} {values[field]}']
+    for name, text, field in _BY_PRINCIPAL:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+        lines += [f'{name}{{prefix="{prefix}",principal="{principal}"}} {count}'
+                  for principal, count in sorted(values[field].items())]
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -80,6 +80,7 @@ async def run_coordinator(settings: CoordinatorSettings, *,
             checkpointer.follow(stored, events)
             if stored:
                 health.ledger_position = stored[-1].id
+            health.count(events)
 
         writer = await writes.run(lambda: LedgerWriter(ledger, settings.policy, subjects,
                                                        settings.clock, on_commit=on_commit))

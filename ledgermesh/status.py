@@ -12,7 +12,7 @@ import msgspec
 from bus.client import BusSettings, open_bus
 from coordinator.policy import load_policy
 from ledgermesh.auth import OBSERVER, load_credentials
-from ledgermesh.style import stdout_style
+from ledgermesh.style import Style, stdout_style
 from schemas import Subjects
 
 
@@ -57,4 +57,22 @@ def status_command(nats_url: str, prefix: str, config: Path, *, nkey: Path | Non
             style.out(f"agent {name:<12} {style.green('up')} · handled {agent['handled']} · "
                       f"failed {agent['failed']}"
                       + (f" · last error: {agent['last_error']}" if agent["last_error"] else ""))
+        if coordinator is not None:
+            _refusals(style, coordinator, name)
+    if coordinator is not None:  # and whoever else had output refused (clients, strangers)
+        for name in sorted({*coordinator["rejected"], *coordinator["throttled"]}
+                           - set(report["agents"])):
+            style.out(f"principal {name}")
+            _refusals(style, coordinator, name)
     return 0 if healthy else 1
+
+
+def _refusals(style: Style, coordinator: dict[str, Any], name: str) -> None:
+    """What the coordinator refused of ``name``'s output since it started, if anything."""
+    rejected = coordinator["rejected"].get(name, 0)
+    throttled = coordinator["throttled"].get(name, 0)
+    if rejected:
+        style.out(style.red(f"  {rejected} output(s) rejected") + " · last: "
+                  + coordinator["last_rejection"].get(name, "?"))
+    if throttled:
+        style.out(style.yellow(f"  {throttled} envelope(s) dropped by the rate limit"))

@@ -94,6 +94,11 @@ async def test_operator_commands_are_recorded_or_refused_clearly(
     assert "coordinator: ok" in human.stdout
     assert f"ledger position {last[0]} · relay lag 0 events" in human.stdout
     assert "not answering" in human.stdout
+    # The two refusals above, counted by who asked, with the last reason.
+    assert coordinator["rejected"] == {"operator": 1, "client": 1}
+    assert coordinator["last_rejection"]["client"].startswith("not_operator: ")
+    assert coordinator["throttled"] == {}
+    assert "principal client\n  1 output(s) rejected · last: not_operator: " in human.stdout
 
 
 async def test_status_without_a_coordinator_says_so(nats_server: EmbeddedNats, prefix: str) -> None:

@@ -47,7 +47,8 @@ async def test_a_scrape_reports_what_the_coordinator_recorded_and_relayed(
         async with open_bus(BusSettings(url=nats_server.url, name="test-client")) as bus:
             await say(bus, prefix, envelope("client", "t-m", SubmitTask(to="triage",
                                                                         title="m")))
-            await until(ledger, lambda e: any(x["kind"] == Kind.ASSIGNED for x in e))
+            await bus.publish(Subjects(prefix).intake("client"), b"not json", msg_id="junk")
+            await until(ledger, lambda e: any(x["kind"] == Kind.REJECTED for x in e))
         with anyio.fail_after(10):
             while True:  # the relay publishes right after the commit
                 code, body = await http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -56,10 +57,14 @@ async def test_a_scrape_reports_what_the_coordinator_recorded_and_relayed(
                 if got["ledgermesh_relay_lag_events"] == 0:
                     break
                 await anyio.sleep(0.05)
-        assert f'ledgermesh_ledger_position{{prefix="{prefix}"}} 2' in body.decode()
-        assert got["ledgermesh_relayed_position"] == 2
-        assert got["ledgermesh_events_recorded_total"] == 2  # submitted, assigned
-        assert got["ledgermesh_intake_position"] == 1
+        assert f'ledgermesh_ledger_position{{prefix="{prefix}"}} 3' in body.decode()
+        assert got["ledgermesh_relayed_position"] == 3
+        assert got["ledgermesh_events_recorded_total"] == 3  # submitted, assigned, rejected
+        assert got["ledgermesh_intake_position"] == 2
+        # Counted by the principal whose subject the refused bytes came on.
+        assert (f'ledgermesh_rejected_total{{prefix="{prefix}",principal="client"}} 1'
+                in body.decode())
+        assert "# TYPE ledgermesh_throttled_total counter" in body.decode()
         assert got["ledgermesh_coordinator_healthy"] == 1
         assert got["ledgermesh_nats_connected"] == 1
         assert "# TYPE ledgermesh_events_recorded_total counter" in body.decode()

@@ -291,6 +291,9 @@ async def test_a_flood_is_throttled_and_recorded_as_counts(
             x["data"]["count"] for x in e if x["kind"] == Kind.THROTTLED)
             + sum(x["kind"] == Kind.REJECTED for x in of(e, "noisy")) == flood, timeout=60)
         elapsed = anyio.current_time() - started
+        status = await bus.service_status(Subjects(prefix).service("coordinator"))
+        assert status is not None
+        health = msgspec.json.decode(status)
     noisy = of(events, "noisy")
     throttled = [e for e in noisy if e["kind"] == Kind.THROTTLED]
     admitted = [e for e in noisy if e["kind"] == Kind.REJECTED]  # unknown task: rejected
@@ -298,6 +301,10 @@ async def test_a_flood_is_throttled_and_recorded_as_counts(
     assert len(throttled) < 60  # ...and the rest are a few aggregated counts
     assert sum(e["data"]["count"] for e in throttled) == flood - len(admitted)
     assert elapsed < 60  # bounded (generous: shared 2-core machines)
+    # What `ledgermesh status` and the metrics report: the same counts, live.
+    assert health["throttled"] == {"noisy": flood - len(admitted)}
+    assert health["rejected"]["noisy"] == len(admitted)
+    assert health["last_rejection"]["noisy"].startswith("unknown_task: ")
 
 
 async def test_a_suspended_agent_is_cut_off_and_its_open_task_fails(
