@@ -37,6 +37,7 @@ class ReplayReport(msgspec.Struct, frozen=True, kw_only=True):
     seconds: float
     first_break: dict[str, object] | None
     checkpoints: str  # what the signed checkpoints cover
+    unsigned: int  # events after the newest verified checkpoint (no signature covers them)
 
 
 def external_checkpoint(path: Path | None, nats_url: str | None, prefix: str,
@@ -89,7 +90,7 @@ def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool
         ledger=location, events=result.events, position=result.position,
         tasks=len(result.tasks), tasks_by_status=statuses, digest=result.digest,
         verified=result.verified, seconds=round(seconds, 4),
-        checkpoints=result.chain.summary(),
+        checkpoints=result.chain.summary(), unsigned=result.chain.unsigned,
         first_break=None if first is None else {
             "position": first.position, "aggregate": first.aggregate, "key": first.key,
             "kind": first.kind, "problem": first.problem},

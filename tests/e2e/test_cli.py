@@ -66,6 +66,9 @@ def test_replay_after_the_demo_gives_the_same_digest(demo: tuple[dict[str, objec
     assert report["digest"] == result["digest"] == json.loads(second.stdout)["digest"]
     assert report["tasks_by_status"] == {"completed": 5}
     assert report["verified"] is True
+    # The demo stopped its coordinator (SIGTERM), which signed what no checkpoint covered.
+    assert report["unsigned"] == 0
+    assert report["checkpoints"].endswith("; 0 events after it")
 
 
 def test_audit_tells_the_story_of_a_task(demo: tuple[dict[str, object], Path]) -> None:
