@@ -684,6 +684,31 @@ class Bus:
             return False
         return True
 
+    async def count_instances(self, service: str, wait: float = 0.3) -> int:
+        """How many instances of a NATS micro service answer ``$SRV.PING.<service>`` within
+        ``wait`` seconds (each instance answers a ping; a status request reaches one)."""
+        inbox = self._nc.new_inbox()
+        answers = 0
+
+        async def count(msg: Msg) -> None:
+            nonlocal answers
+            if not (msg.headers and msg.headers.get("Status") == "503"):  # "no responders"
+                answers += 1
+
+        sub = await self._nc.subscribe(inbox, cb=count)
+        try:
+            await self._nc.flush(timeout=int(max(1, wait * 10)))
+            # nats-server 2.15.1 can drop what another connection sends to a subscription
+            # a few ms old, even after its PONG (bench/RESULTS.md, caveats): let it settle.
+            await anyio.sleep(0.05)
+            await self._nc.publish(f"$SRV.PING.{service}", b"", reply=inbox)
+            await anyio.sleep(wait)
+        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
+            raise BusError(f"cannot ping {service}: {exc}") from exc
+        finally:
+            await sub.unsubscribe()
+        return answers
+
     async def service_status(self, service: str, timeout: float = 1.0) -> bytes | None:
         """The reply of a service's ``status`` endpoint, or None if nobody answered."""
         try:

@@ -244,7 +244,7 @@ class AuthLayout:
         exports.append({"service": self._flow_control(), "accounts": readers})
         exports.append({"stream": f"{self.inbox(OBSERVER)}.>",
                         "accounts": [self.observer_account]})
-        exports += [{"service": sub, "accounts": [self.observer_account]} for sub in own]
+        exports += _service_exports(own, [self.observer_account])
         imports = [{"service": {"account": self.agent_account(agent), "subject": sub}}
                    for agent in self.agents for sub in self._service_subjects(agent)]
         imports += [{"service": {"account": self.tools_account, "subject": s.tool(tool)}}
@@ -262,8 +262,7 @@ class AuthLayout:
                                 "$SRV.STATS", *own],
                      responses=True)  # micro replies go to the requester's reply subject
         imports = [{"service": {"account": self.core, "subject": sub}} for sub in own_subjects]
-        exports = [{"service": sub, "accounts": [self.core, self.observer_account]}
-                   for sub in own]
+        exports = _service_exports(own, [self.core, self.observer_account])
         return {"users": [user], "imports": imports, "exports": exports}
 
     def _client(self, client: str, key: str) -> dict[str, Any]:
@@ -287,7 +286,7 @@ class AuthLayout:
                                 "$SRV.STATS", *own],
                      responses=True)
         exports = [{"service": subject, "accounts": [self.core]} for subject in subjects]
-        exports += [{"service": sub, "accounts": [self.observer_account]} for sub in own]
+        exports += _service_exports(own, [self.observer_account])
         return {"users": [user], "exports": exports}
 
     def _observer(self, key: str) -> dict[str, Any]:
@@ -305,6 +304,15 @@ class AuthLayout:
         imports += [{"service": {"account": account, "subject": sub}}
                     for account, sub in services]
         return {"users": [user], "imports": imports}
+
+
+def _service_exports(subjects: list[str], accounts: list[str]) -> list[dict[str, Any]]:
+    """A service's NATS micro subjects, exported to ``accounts``. Every instance answers a
+    ``$SRV`` verb (PING, INFO, STATS), so those stream their responses: with the default
+    (one response) only the first instance would be counted. ``status`` is one answer."""
+    return [{"service": sub, "accounts": accounts,
+             **({"response_type": "stream"} if sub.startswith("$SRV.") else {})}
+            for sub in subjects]
 
 
 def _user(key: str, *, publish: list[str], subscribe: list[str],

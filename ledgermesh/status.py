@@ -10,7 +10,7 @@ import anyio
 import msgspec
 
 from bus.client import BusSettings, open_bus
-from coordinator.policy import load_policy
+from coordinator.policy import Policy, load_policy
 from ledgermesh.auth import OBSERVER, load_credentials
 from ledgermesh.style import Style, stdout_style
 from schemas import Subjects
@@ -19,10 +19,12 @@ from schemas import Subjects
 def status_command(nats_url: str, prefix: str, config: Path, *, nkey: Path | None,
                    as_json: bool) -> int:
     subjects = Subjects(prefix)
-    agents = list(load_policy(config).agents) if config.exists() else []
+    policy = load_policy(config) if config.exists() else None
+    agents = list(policy.agents) if policy is not None else []
     settings = BusSettings.of(nats_url, f"{prefix}_status",
                               load_credentials(nkey, subjects, OBSERVER))
-    report: dict[str, Any] = {"nats": nats_url, "coordinator": None, "agents": {}}
+    report: dict[str, Any] = {"nats": nats_url, "coordinator": None, "agents": {},
+                              "instances": {}}
 
     async def main() -> None:
         async with open_bus(settings) as bus:
@@ -31,6 +33,13 @@ def status_command(nats_url: str, prefix: str, config: Path, *, nkey: Path | Non
             for name in agents:
                 reply = await bus.service_status(subjects.service(name))
                 report["agents"][name] = None if reply is None else msgspec.json.decode(reply)
+
+            async def count(name: str) -> None:  # every instance answers a ping
+                report["instances"][name] = await bus.count_instances(subjects.service(name))
+
+            async with anyio.create_task_group() as tg:  # the waits overlap
+                for name in ["coordinator", *agents]:
+                    tg.start_soon(count, name)
 
     anyio.run(main)
     coordinator = report["coordinator"]
@@ -50,12 +59,17 @@ def status_command(nats_url: str, prefix: str, config: Path, *, nkey: Path | Non
                   f"{coordinator['relay_lag']} events")
         if coordinator["last_error"]:
             style.out(f"  last error: {coordinator['last_error']}")
+        if report["instances"]["coordinator"] > 1:
+            style.out(style.red(f"  {report['instances']['coordinator']} coordinators answer "
+                                "on this prefix: one ledger has one writer"))
     for name, agent in report["agents"].items():
         if agent is None:
             style.out(f"agent {name:<12} {style.yellow('not answering')}")
         else:
-            style.out(f"agent {name:<12} {style.green('up')} · handled {agent['handled']} · "
-                      f"failed {agent['failed']}"
+            style.out(f"agent {name:<12} {style.green('up')} · "
+                      f"{_instances(style, report['instances'][name], policy, name)} · "
+                      f"handled {agent['handled']} · failed {agent['failed']}"
+                      + (" (one instance's)" if report["instances"][name] > 1 else "")
                       + (f" · last error: {agent['last_error']}" if agent["last_error"] else ""))
         if coordinator is not None:
             _refusals(style, coordinator, name)
@@ -65,6 +79,15 @@ def status_command(nats_url: str, prefix: str, config: Path, *, nkey: Path | Non
             style.out(f"principal {name}")
             _refusals(style, coordinator, name)
     return 0 if healthy else 1
+
+
+def _instances(style: Style, up: int, policy: Policy | None, name: str) -> str:
+    """``2 instances``, or ``1 of 2 instances`` in yellow when fewer run than the policy's
+    ``instances``."""
+    wanted = policy.agents[name].instances if policy is not None else 1
+    if up < wanted:
+        return style.yellow(f"{up} of {wanted} instances")
+    return f"{up} instance{'s' if up != 1 else ''}"
 
 
 def _refusals(style: Style, coordinator: dict[str, Any], name: str) -> None:

@@ -105,3 +105,33 @@ async def test_status_without_a_coordinator_says_so(nats_server: EmbeddedNats, p
     done = await cli(nats_server, prefix, "status", "--config", str(POLICY))
     assert done.returncode == 1
     assert "coordinator: not answering" in done.stdout
+
+
+async def test_status_counts_the_instances_of_each_agent(
+        running: Path, nats_server: EmbeddedNats, prefix: str, tmp_path: Path) -> None:
+    """Two researcher processes share one consumer: both are counted (a status request
+    reaches one of them, a ping reaches all); the policy's ``instances`` is the bar."""
+    common = ["--nats", nats_server.url, "--prefix", prefix]
+    researchers = [spawn(f"researcher-{n}", ["agent", "run", "agents.examples.support:researcher",
+                                              *common], tmp_path / "logs", service="researcher")
+                   for n in (1, 2)]
+    try:
+        async with open_bus(BusSettings(url=nats_server.url, name="test")) as bus:
+            await wait_ready(bus, Subjects(prefix), researchers)
+        status = await cli(nats_server, prefix, "status", "--config", str(POLICY), "--json")
+        assert status.returncode == 0, status.stderr
+        instances = json.loads(status.stdout)["instances"]
+        assert instances["coordinator"] == 1
+        assert instances["researcher"] == 2
+        assert instances["writer"] == 0
+        wants_three = tmp_path / "ledgermesh.toml"
+        wants_three.write_text(POLICY.read_text().replace(
+            "[agents.researcher]\n", "[agents.researcher]\ninstances = 3\n"))
+        human = await cli(nats_server, prefix, "status", "--config", str(wants_three))
+        assert human.returncode == 0, human.stderr
+        line = next(x for x in human.stdout.splitlines() if x.startswith("agent researcher"))
+        assert "up · 2 of 3 instances · handled 0 · failed 0 (one instance's)" in line
+        human = await cli(nats_server, prefix, "status", "--config", str(POLICY))
+        assert "agent researcher   up · 2 instances · handled" in human.stdout
+    finally:
+        await stop_all(researchers)

@@ -380,8 +380,9 @@ async def test_a_task_completes_end_to_end_with_auth_on(world: World, tmp_path: 
         await tg.start(run_coordinator, CoordinatorSettings(
             nats_url=world.server.url, ledger=str(tmp_path / "l.db"), policy=POLICY,
             subjects=s, credentials=world.credentials(COORDINATOR)))
-        await tg.start(run_agent, writer, AgentSettings(
-            nats_url=world.server.url, subjects=s, credentials=world.credentials("writer")))
+        for _ in range(2):  # two instances of one agent, on one consumer
+            await tg.start(run_agent, writer, AgentSettings(
+                nats_url=world.server.url, subjects=s, credentials=world.credentials("writer")))
         await tg.start(run_tool_host, text_tools, ToolHostSettings(
             nats_url=world.server.url, subjects=s, credentials=world.credentials(TOOLS)))
         async with (connect(world, OBSERVER, timeout=5) as (observer, observer_notes),
@@ -389,6 +390,9 @@ async def test_a_task_completes_end_to_end_with_auth_on(world: World, tmp_path: 
             # The observer discovers services by name and follows the ledger.
             assert await observer.ping(s.service("writer"), timeout=2)
             assert await observer.ping(s.service(COORDINATOR), timeout=2)
+            # Each instance answers a ping across the accounts (exports stream responses).
+            assert await observer.count_instances(s.service("writer")) == 2
+            assert await observer.count_instances(s.service(COORDINATOR)) == 1
             send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=256)
             await tg.start(observer.serve_observe, s.ledger_stream, s.ledger_of_task(task_id),
                            send, True)
