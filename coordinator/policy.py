@@ -28,7 +28,7 @@ class PolicyError(LedgermeshError):
 class AgentPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     description: str = ""
     handoff_to: tuple[str, ...] = ()
-    instances: int = 1
+    instances: int = 1  # how many should run (`ledgermesh status` counts them)
     deadline_s: float = 30.0  # an assignment not finished by then times out
     max_attempts: int = 3  # tries of one step (timeouts, retryable failures)
     tools: tuple[str, ...] = ()  # tools this agent may call
