@@ -10,6 +10,7 @@ import msgspec
 from coordinator.ledger.events import Kind, LedgerEvent
 
 _REASON_CHARS = 200  # of a rejection's reason kept for the report
+_COUNTED = frozenset({Kind.REJECTED.value, Kind.THROTTLED.value})
 
 
 class HealthReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,6 +52,8 @@ class Health:
     def count(self, events: Iterable[LedgerEvent]) -> None:
         """Count what a commit rejected or throttled, by the principal it came from."""
         for event in events:
+            if event.kind not in _COUNTED:  # nearly every event: one set lookup
+                continue
             if event.kind == Kind.REJECTED:
                 principal = event.data.get("subject_principal", event.sender)
                 self.rejected[principal] = self.rejected.get(principal, 0) + 1
