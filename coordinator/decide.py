@@ -78,7 +78,7 @@ def decide(principal: str, raw: bytes, env: Envelope, task: TaskState | None,
     decided = Provenance(msg_id=env.id, sender=COORDINATOR, causation_id=env.id,
                          trace=env.trace)
 
-    def event(kind: Kind, data: dict[str, Any], provenance: Provenance = said) -> Draft:
+    def event(kind: str, data: dict[str, Any], provenance: Provenance = said) -> Draft:
         return Draft(aggregate=Aggregate.TASK, key=env.task_id, kind=kind, data=data,
                      provenance=provenance)
 

@@ -10,7 +10,7 @@ import msgspec
 from coordinator.ledger.events import Kind, LedgerEvent
 
 _REASON_CHARS = 200  # of a rejection's reason kept for the report
-_COUNTED = frozenset({Kind.REJECTED.value, Kind.THROTTLED.value})
+_COUNTED = frozenset({Kind.REJECTED, Kind.THROTTLED})
 
 
 class HealthReport(msgspec.Struct, frozen=True, kw_only=True):

@@ -106,7 +106,7 @@ def replay(ledger: Ledger, *, to: int | None = None, page: int = 2000,
         raise LedgerError(f"the replay's check read {check.events} events where the fold "
                           f"read {result.events}: is the ledger location a real file?")
     result.breaks = _merged(fold, check) + [
-        Break(position, Aggregate.CHECKPOINT.value, CHECKPOINTS_KEY, Kind.CHECKPOINTED.value,
+        Break(position, Aggregate.CHECKPOINT, CHECKPOINTS_KEY, Kind.CHECKPOINTED,
               why) for position, why in fold.replay.chain.finish(to)]
     return result
 

@@ -405,7 +405,7 @@ class LedgerContract:
         recorded: list[Recorded],
         ledgers: list[Ledger],
         key: str,
-        kind: Kind,
+        kind: str,
         old: bytes,
         new: bytes,
     ) -> None:

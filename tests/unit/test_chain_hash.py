@@ -38,7 +38,7 @@ datas = st.dictionaries(st.sampled_from(["hash", "key", "data", "x", "prev_hash"
 
 
 def _stored(draft_data: dict[str, Any], provenance: Provenance, version: int,
-            prev_hash: str, aggregate: Aggregate = Aggregate.TASK) -> tuple[Any, bytes]:
+            prev_hash: str, aggregate: str = Aggregate.TASK) -> tuple[Any, bytes]:
     draft = Draft(aggregate=aggregate, key="t-1", kind=Kind.SAID, data=draft_data,
                   provenance=provenance)
     event, stored = stamp(draft, version=version, prev_hash=prev_hash,
@@ -48,11 +48,11 @@ def _stored(draft_data: dict[str, Any], provenance: Provenance, version: int,
     return event, stored
 
 
-@given(datas, provenances, st.integers(1, 10**9),
-       st.sampled_from([GENESIS, "ab" * 32]), st.sampled_from(list(Aggregate)))
+@given(datas, provenances, st.integers(1, 10**9), st.sampled_from([GENESIS, "ab" * 32]),
+       st.sampled_from([Aggregate.TASK, Aggregate.PRINCIPAL, Aggregate.CHECKPOINT]))
 def test_stamp_hashes_what_the_definition_says(data: dict[str, Any], provenance: Provenance,
                                                version: int, prev_hash: str,
-                                               aggregate: Aggregate) -> None:
+                                               aggregate: str) -> None:
     event, stored = _stored(data, provenance, version, prev_hash, aggregate)
     state = stored_state(event)
     del state["hash"]
