@@ -11,6 +11,10 @@ from coordinator.ledger.events import Kind, LedgerEvent
 
 _REASON_CHARS = 200  # of a rejection's reason kept for the report
 _COUNTED = frozenset({Kind.REJECTED, Kind.THROTTLED})
+# Principals counted by name; beyond that many (an open server lets anybody pick a
+# subject), the rest are counted together, so the report's memory stays bounded.
+_MAX_PRINCIPALS = 1000
+_OTHERS = "_others"
 
 
 class HealthReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -55,12 +59,15 @@ class Health:
             if event.kind not in _COUNTED:  # nearly every event: one set lookup
                 continue
             if event.kind == Kind.REJECTED:
-                principal = event.data.get("subject_principal", event.sender)
+                principal = _bounded(self.rejected,
+                                     event.data.get("subject_principal", event.sender))
                 self.rejected[principal] = self.rejected.get(principal, 0) + 1
                 self.last_rejection[principal] = (
                     f"{event.data['code']}: {event.data['reason']}"[:_REASON_CHARS])
             elif event.kind == Kind.THROTTLED:
-                self.throttled[event.key] = self.throttled.get(event.key, 0) + event.data["count"]
+                principal = _bounded(self.throttled, event.key)
+                self.throttled[principal] = (self.throttled.get(principal, 0)
+                                             + event.data["count"])
 
     def ledger_error(self, text: str) -> None:
         self.last_error = text
@@ -77,3 +84,10 @@ class Health:
                             rejected=dict(self.rejected),
                             last_rejection=dict(self.last_rejection),
                             throttled=dict(self.throttled))
+
+
+def _bounded(counts: dict[str, int], principal: str) -> str:
+    """``principal``, or ``_others`` once ``counts`` holds as many names as it may."""
+    if principal in counts or len(counts) < _MAX_PRINCIPALS:
+        return principal
+    return _OTHERS
