@@ -172,10 +172,26 @@ def describe(record: LedgerRecord, event: dict[str, Any]) -> str:
         "tool.approved": lambda: f"{data.get('tool')} approved: {data.get('reason')}",
         "agent.suspended": lambda: f"SUSPENDED: {data.get('reason')}",
         "agent.resumed": lambda: f"resumed: {data.get('reason')}",
-        "principal.throttled": lambda: f"{data.get('count')} messages dropped by the rate limit",
+        "principal.throttled": lambda: (f"{data.get('count')} envelopes dropped by the rate "
+                                        "limit"),
         "message.rejected": lambda: f"REJECTED {data.get('code')}: {data.get('reason')}",
+        "ledger.checkpointed": lambda: (f"signed up to #{data.get('position')} by "
+                                        f"{short(str(data.get('key')), 12)}"),
     }.get(kind, lambda: "")()
     return f"#{record.position:<6} {short(event['key'], 14):<15} {who:<12} {kind:<18} {detail}"
+
+
+_RED = frozenset({"message.rejected", "tool.denied", "task.dead_lettered", "task.failed",
+                  "agent.suspended"})
+_YELLOW = frozenset({"attempt.timed_out", "attempt.failed", "handoff.declined",
+                     "principal.throttled"})
+
+
+def _coloured(style: Style, kind: str, line: str) -> str:
+    """Refusals and failures in red, retries and declines in yellow (on a terminal)."""
+    if kind in _RED:
+        return style.red(line)
+    return style.yellow(line) if kind in _YELLOW else line
 
 
 def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start: bool,
@@ -203,7 +219,7 @@ def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start:
                     if as_json:
                         print(json.dumps({"position": record.position, **event}), flush=True)
                     else:
-                        style.out(describe(record, event))
+                        style.out(_coloured(style, event["kind"], describe(record, event)))
                     seen += 1
                     if limit is not None and seen >= limit:
                         tg.cancel_scope.cancel()
