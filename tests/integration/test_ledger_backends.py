@@ -17,12 +17,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import psycopg
 import pytest
 from eventsourcing.persistence import IntegrityError, Tracking
 
-from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID
+from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID, BusSettings, open_bus
+from bus.embedded import EmbeddedNats
 from coordinator.ledger.events import (
     Aggregate,
     Draft,
@@ -41,6 +43,7 @@ from coordinator.ledger.store import Ledger, LedgerError, aggregate_text, open_l
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter, Recorded
 from coordinator.policy import Policy
 from coordinator.relay import outbox_items
+from coordinator.service import CoordinatorSettings, run_coordinator
 from ledgermesh.export import export_ledger
 from schemas import (
     Body,
@@ -605,6 +608,34 @@ class LedgerContract:
         assert result.events == len(written)
         assert result.verified, result.breaks[:1]
         assert self.stored_state(location, 1).startswith(b"{")  # canonical JSON, as hashed
+
+    # -- a stop -----------------------------------------------------------------------
+    async def test_a_stopped_coordinator_has_signed_up_to_its_last_event(
+        self, location: str, ledgers: list[Ledger], nats_server: EmbeddedNats, prefix: str
+    ) -> None:
+        """Its last checkpoint goes through the backend's own write path (on PostgreSQL,
+        the writer thread) after the rest has stopped."""
+        subjects = Subjects(prefix)
+        settings = CoordinatorSettings(nats_server.url, location, POLICY, subjects,
+                                       checkpoint_every=1000, checkpoint_interval_s=3600)
+        submit = Envelope(id="stop-1", sender="client", task_id="t-stop", sent_at=SENT_AT,
+                          body=SubmitTask(to="triage", title="stop"))
+        async with anyio.create_task_group() as tg:
+            await tg.start(run_coordinator, settings)
+            async with open_bus(BusSettings(nats_server.url, f"{prefix}-client")) as bus:
+                ack = await bus.publish(subjects.intake("client"), Codec().encode(submit),
+                                        msg_id=submit.id)
+                reader = self.reopen(location, ledgers)
+                with anyio.fail_after(15):
+                    while reader.tracking_position("intake") < ack.seq:  # noqa: ASYNC110 - polled
+                        await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+        ledger = self.reopen(location, ledgers)
+        assert [s["kind"] for _, s in positions_of(ledger)] == [
+            Kind.SUBMITTED, Kind.ASSIGNED, Kind.CHECKPOINTED]
+        result = replay(ledger)
+        assert result.verified
+        assert result.chain.unsigned == 0
 
     # -- opening ---------------------------------------------------------------------
     def test_opening_a_missing_ledger_fails_clearly(
