@@ -67,6 +67,7 @@ class DemoResult(msgspec.Struct, frozen=True, kw_only=True):
     rejected: int
     digest: str
     verified: bool
+    unsigned: int  # events no signed checkpoint covers (the stop signs them: 0)
     ledger: str
     nats_url: str
     seconds: float
@@ -297,8 +298,11 @@ def _finish(ledger_path: Path, board: Board, count: int, style: Style, say: Any,
     say(f"  {style.bold(f'{completed} of {count} tasks completed')} · {rebuilt.events} events "
         f"recorded · {rejected} rejected")
     check = style.green("chains verified ✓") if rebuilt.verified else style.red("chains BROKEN ✗")
+    unsigned = rebuilt.chain.unsigned
+    signed = (style.green("signed to the last event ✓") if unsigned == 0 and rebuilt.events
+              else style.yellow(f"{unsigned} events after the last signed checkpoint"))
     say(f"  replay: rebuilt {len(rebuilt.tasks)} tasks from {rebuilt.events} events in "
-        f"{seconds:.2f} s · digest {rebuilt.digest[:12]}… · {check}")
+        f"{seconds:.2f} s · digest {rebuilt.digest[:12]}… · {check} · {signed}")
     if audit is not None:
         say()
         say(f"  audit of {audit.task_id} (ledgermesh audit {audit.task_id} --ledger {ledger_path})")
@@ -315,5 +319,5 @@ def _finish(ledger_path: Path, board: Board, count: int, style: Style, say: Any,
     say(f"             ledgermesh audit {featured} --ledger {ledger_path}")
     return DemoResult(tasks_submitted=count, tasks_completed=completed, tasks_failed=failed,
                       events=rebuilt.events, rejected=rejected, digest=rebuilt.digest,
-                      verified=rebuilt.verified, ledger=str(ledger_path),
+                      verified=rebuilt.verified, unsigned=unsigned, ledger=str(ledger_path),
                       nats_url=nats_server.url, seconds=round(time.monotonic() - started, 3))

@@ -31,6 +31,7 @@ def test_demo_completes_every_task_and_verifies(demo: tuple[dict[str, object], P
     assert result["tasks_submitted"] == 5
     assert result["tasks_completed"] == 5
     assert result["verified"] is True
+    assert result["unsigned"] == 0  # its coordinator stopped, and signed what was left
     # At least 5 x 23 events: submit, 6 assignments, 4 handoffs, 1 decline, 3 implicit
     # acceptances, 4 notes, a kb.search call (requested, authorized, completed),
     # completion; more for the refund task (a denied tool call) and the crash story.
