@@ -109,9 +109,7 @@ async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
             continue
         crash.reached("coordinator.before_relay", notifications[-1].state)
         try:
-            deliveries, copies = outbox_items(notifications, subjects, position)
-            # Every delivery acked; of the copies only the last (its ack vouches for all).
-            await bus.publish_all(deliveries, chain=copies)
+            await _publish(bus, notifications, subjects, position)
         except (BusError, TimeoutError) as exc:
             # Resynchronise from what the stream really holds, then go again.
             log.warning("relay publish failed after position %d: %s", position, exc)
@@ -127,10 +125,17 @@ async def relay_rest(bus: Bus, ledger: Ledger, subjects: Subjects, page: int = 5
     the relay itself is gone); the position relayed to."""
     position = subjects.ledger_position(await bus.last_msg_id(subjects.ledger_stream))
     while notifications := await anyio.to_thread.run_sync(ledger.read, position, page):
-        deliveries, copies = outbox_items(notifications, subjects, position)
-        await bus.publish_all(deliveries, chain=copies)
+        await _publish(bus, notifications, subjects, position)
         position = notifications[-1].id
     return position
+
+
+async def _publish(bus: Bus, notifications: Sequence[Notification], subjects: Subjects,
+                   position: int) -> None:
+    """The deliveries and ledger copies of ``notifications``, which follow ``position``.
+    Every delivery is acked; of the copies only the last (its ack vouches for all)."""
+    deliveries, copies = outbox_items(notifications, subjects, position)
+    await bus.publish_all(deliveries, chain=copies)
 
 
 async def _tail(bus: Bus, subjects: Subjects) -> str | None:

@@ -190,8 +190,8 @@ class LedgerWriter:
             return  # rejected before: a resend after JetStream's dedup window
         if not is_batch(message.data):
             if self._admit(principal, now):
-                yield self._decide_one(principal, message, message.data, key, message.msg_id,
-                                       now)
+                yield self._decide_one(principal, message.subject, message.data, key,
+                                       message.msg_id, now)
             return
         try:
             parts = self._codec.split_batch(message.data, message.subject)
@@ -205,18 +205,19 @@ class LedgerWriter:
             element = f"{key}/{i}"
             if element in self._principal(principal).seen or not self._admit(principal, now):
                 continue
-            yield self._decide_one(principal, message, part, element, None, now)
+            yield self._decide_one(principal, message.subject, part, element, None, now)
 
-    def _decide_one(self, principal: str, message: IntakeMessage, data: bytes, key: str,
+    def _decide_one(self, principal: str, subject: str, data: bytes, key: str,
                     msg_id: str | None, now: datetime) -> list[Draft]:
-        """The drafts for one envelope's bytes ``data``; ``key`` names it in a rejection,
-        ``msg_id`` is the Nats-Msg-Id it must carry as its id (None: not checked)."""
+        """The drafts for one envelope's bytes ``data``, which came on ``subject``; ``key``
+        names it in a rejection, ``msg_id`` is the Nats-Msg-Id it must carry as its id
+        (None: not checked)."""
         if len(data) > self._policy.max_payload_bytes:
             return reject_unreadable(principal, key, b"",
                                      f"{len(data)} bytes exceeds the limit of "
                                      f"{self._policy.max_payload_bytes}", code="oversize")
         try:
-            envelope = self._codec.decode_envelope(data, message.subject)
+            envelope = self._codec.decode_envelope(data, subject)
         except MalformedMessageError as exc:
             return reject_unreadable(principal, key, data, exc.reason)
         if envelope.id in self._principal(principal).seen:
