@@ -277,6 +277,11 @@ class Bus:
         return self._nc.is_connected
 
     @property
+    def reconnects(self) -> int:
+        """How many times this connection was re-established (to any server)."""
+        return int(self._nc.stats["reconnects"])
+
+    @property
     def server_version(self) -> str:
         return str(self._nc.connected_server_version)
 
@@ -477,6 +482,11 @@ class Bus:
             raise BusError(f"cannot read {stream} #{seq}: no answer from NATS") from exc
         return msg.subject or "", msg.data or b"", dict(msg.headers or {})
 
+    async def last_seq(self, stream: str) -> int:
+        """The sequence of the newest message ``stream`` holds (0: none yet)."""
+        info = await self._call(self._js.stream_info(stream), f"read stream {stream}")
+        return int(info.state.last_seq)
+
     async def last_msg_id(self, stream: str) -> str | None:
         """The Nats-Msg-Id of the newest message in ``stream``, or None if it is empty."""
         info = await self._call(self._js.stream_info(stream), f"read stream {stream}")
@@ -564,15 +574,15 @@ class Bus:
         sub = await self._nc.subscribe(f"{inbox}.*", cb=arrive)
         counter = 0
         missing_since: float | None = None
-        reconnects = self._nc.stats["reconnects"]
+        reconnects = self.reconnects
         task_status.started()
         try:
             while True:
-                if self._nc.stats["reconnects"] != reconnects:
+                if self.reconnects != reconnects:
                     # A new connection: the requests made on the old one died with it (a
                     # restarted server forgot them, and a server that lived on saw their
                     # reply subject go away). Ask again now, not when they would expire.
-                    reconnects = self._nc.stats["reconnects"]
+                    reconnects = self.reconnects
                     pending.clear()
                 if missing[0]:  # no such consumer (yet): wait for its creator
                     missing[0] = False

@@ -61,7 +61,8 @@ def decide(principal: str, raw: bytes, env: Envelope, task: TaskState | None,
     JetStream deduplicates on one and the ledger on the other.
     """
     if (task is not None and env.id in task.seen and env.sender == principal
-            and (principal in task.participants or principal == task.submitter)):
+            and (principal in task.participants or principal == task.submitter
+                 or principal in policy.operators)):
         return []  # already recorded: a redelivery or a resend by its own sender
     # (anyone else reusing a recorded id falls through and is rejected, with a trace)
     said = Provenance(msg_id=env.id, sender=env.sender, sent_at=env.sent_at.isoformat(),

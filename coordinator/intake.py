@@ -1,7 +1,7 @@
 """Intake: pull from the intake stream, record each batch in one transaction, then ack.
 
 Acks follow the commit, never precede it: a crash in between redelivers the batch, and the
-tracking position recorded with the events turns the redelivery into a no-op.
+ledger, which knows every message id it recorded, turns the redelivery into a no-op.
 """
 
 from __future__ import annotations
@@ -76,9 +76,10 @@ async def _in_stream_order(bus: Bus, subjects: Subjects, position: int,
     and the batch that the consumer has not (re)delivered yet.
 
     A message delivered to a coordinator that stopped before recording it comes back only
-    after the ack wait, behind newer ones; recording those first would move the tracking
-    position past it, and its redelivery would then be skipped as already recorded. So
-    read it from the stream now; its later redelivery is the no-op.
+    after the ack wait, behind newer ones; recording those first would decide them before
+    it (a handoff before the say that preceded it: the say would then be refused, its
+    sender no longer the owner). So read it from the stream now; its later redelivery is
+    the no-op.
     """
     have = {m.stream_seq for m in batch}
     out = [IntakeMessage(m.stream_seq, m.subject, m.data, m.msg_id) for m in batch]
@@ -116,4 +117,9 @@ async def _record_until_stored(messages: list[IntakeMessage], writer: LedgerWrit
             delay = min(delay * 2, 5.0)
             continue
         health.recorded(len(recorded.events), writer.position)
+        if recorded.reused:
+            log.warning("%d intake message(s) at or below the recorded position %d were "
+                        "new: the intake stream lost messages it had acknowledged (a "
+                        "server crash before its sync?) and reused their sequences; "
+                        "recorded by message id", recorded.reused, writer.position)
         return

@@ -98,7 +98,11 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                                       settings.credentials)
         async with open_bus(bus_settings, on_bus_event) as bus:
             await bus.ensure_streams(streams(subjects, settings.policy.max_payload_bytes))
-            await bus.ensure_consumer(coordinator_consumer(subjects, writer.position))
+            # A consumer made anew starts after what the ledger holds, unless the stream
+            # holds less (it lost its tail in a crash before its sync): then after its end,
+            # since the sequences past it will be handed to new messages.
+            start_after = min(writer.position, await bus.last_seq(subjects.intake_stream))
+            await bus.ensure_consumer(coordinator_consumer(subjects, start_after))
             for name, agent in settings.policy.agents.items():
                 # Redeliver an unacked delivery only well after the agent's deadline: a
                 # retry is the timer's decision, recorded, not the broker's; a late copy of

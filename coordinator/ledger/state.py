@@ -203,7 +203,9 @@ class PrincipalState(msgspec.Struct, kw_only=True):
     rejections: int = 0
     throttled: int = 0  # messages dropped by the rate limit
     suspended: bool = False
-    seen: set[str] = set()  # ids of the messages rejected on this record (resends: no-ops)
+    # ids of the messages rejected on this record, and of the suspensions and resumptions
+    # of this agent: a resend of any of them changes nothing
+    seen: set[str] = set()
     version: int = 0
     head: str = GENESIS
 
@@ -215,8 +217,10 @@ class PrincipalState(msgspec.Struct, kw_only=True):
             self.throttled += event.data["count"]
         elif event.kind == Kind.SUSPENDED:
             self.suspended = True
+            self.seen.add(event.msg_id)
         elif event.kind == Kind.RESUMED:
             self.suspended = False
+            self.seen.add(event.msg_id)
         self.version = event.originator_version
         self.head = event.hash
 

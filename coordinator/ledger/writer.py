@@ -39,7 +39,16 @@ from coordinator.ledger.known import MaybeKnown
 from coordinator.ledger.state import PrincipalState, TaskState
 from coordinator.ledger.store import Ledger
 from coordinator.policy import Policy
-from schemas import Codec, MalformedMessageError, Subjects, ToolCall, ToolOutcome, is_batch
+from schemas import (
+    Codec,
+    MalformedMessageError,
+    ResumeAgent,
+    Subjects,
+    SuspendAgent,
+    ToolCall,
+    ToolOutcome,
+    is_batch,
+)
 
 INTAKE = "intake"  # tracking name of the intake stream
 UNKNOWN_PRINCIPAL = "_unknown"
@@ -59,7 +68,10 @@ class IntakeMessage(msgspec.Struct, frozen=True):
 class Recorded:
     events: list[LedgerEvent]
     positions: list[int]
-    skipped: int  # messages at or below the tracking position (redeliveries)
+    # Messages at or below the tracking position that were new to the ledger: the intake
+    # stream reused sequences it had acknowledged before (it lost them: a server crash
+    # before its sync). A plain redelivery is decided by id and adds nothing.
+    reused: int = 0
 
 
 class LedgerWriter:
@@ -94,33 +106,35 @@ class LedgerWriter:
         """Decide and store a batch of intake messages with their tracking position."""
         now = self._clock()
         top = self.position
-        skipped = 0
+        reused = 0
 
         def decide_all() -> list[Sealed]:
-            nonlocal top, skipped
+            # Every message is decided, even one at or below the tracking position: the
+            # ledger deduplicates by message id, so a redelivery adds nothing, while a
+            # stream that lost its tail hands out those sequences again to new messages.
+            nonlocal top, reused
             events = self._flush_throttled(now, older_than=1.0)
             for message in batch:
-                if message.seq <= top:
-                    skipped += 1
-                    continue
-                top = message.seq
+                again, before = message.seq <= top, len(events)
+                top = max(top, message.seq)
                 principal = (self._subjects.principal_of(message.subject)
                              or UNKNOWN_PRINCIPAL)
                 for drafts in self._decide(message, principal, now):
                     events += [self._seal(d, now) for d in drafts]
+                reused += again and len(events) > before
             return events + self.fallout(events, now)
 
         events, positions = self._commit(decide_all, lambda: Tracking(INTAKE, top)
                                          if top > self.position else None)
         self.position = top
-        return Recorded(events, positions, skipped)
+        return Recorded(events, positions, reused)
 
     def tick(self) -> Recorded:
         """Record what the clock decides: timeouts of overdue assignments, due retries."""
         now = self._clock()
         due = sorted(task_id for task_id, when in self.timers.items() if when <= now)
         if not due and not self._dropped:
-            return Recorded([], [], 0)
+            return Recorded([], [])
 
         def decide_due() -> list[Sealed]:
             events = self._flush_throttled(now, older_than=1.0)
@@ -133,14 +147,14 @@ class LedgerWriter:
             return events
 
         events, positions = self._commit(decide_due, lambda: None)
-        return Recorded(events, positions, 0)
+        return Recorded(events, positions)
 
     def record_checkpoint(self, checkpointer: Checkpointer) -> Recorded:
         """Record a signed checkpoint of everything stored so far (ledger/checkpoints.py)."""
         now = self._clock()
         events, positions = self._commit(lambda: checkpointer.seal(self._ledger, now),
                                          lambda: None)
-        return Recorded(events, positions, 0)
+        return Recorded(events, positions)
 
     def _commit(self, decide_events: Callable[[], list[Sealed]],
                 tracking: Callable[[], Tracking | None]) -> tuple[list[LedgerEvent], list[int]]:
@@ -222,6 +236,10 @@ class LedgerWriter:
             return reject_unreadable(principal, key, data, exc.reason)
         if envelope.id in self._principal(principal).seen:
             return []
+        body = envelope.body
+        if (isinstance(body, SuspendAgent | ResumeAgent) and self._policy.is_agent(body.agent)
+                and envelope.id in self._principal(body.agent).seen):
+            return []  # recorded already, on the agent's record
         task = self._task(envelope.task_id)
         return decide(principal, data, envelope, task, self._policy, now, msg_id,
                       self.suspended)

@@ -325,6 +325,43 @@ async def test_redelivered_intake_after_restart_is_a_no_op(
             assert len(copies) == len(after)
 
 
+async def test_a_coordinator_whose_intake_stream_was_lost_records_what_comes_next(
+    nats_server: EmbeddedNats, prefix: str, db: str
+) -> None:
+    """The intake stream and its consumer are gone (a server that lost its store): made
+    anew, the stream numbers messages from 1 again, below the recorded position. The new
+    consumer starts at the stream's end, not the ledger's, and what arrives is recorded."""
+    async with harness(nats_server, prefix, db) as h:
+        async with coordinator(h.settings):
+            for i in range(3):
+                ack = await h.say("client", submit(f"env-{i}", f"t{i}"))
+            await h.recorded(ack)
+        before = h.events()
+        await h.js.delete_stream(h.subjects.intake_stream)
+
+        async with coordinator(h.settings):
+            again = await h.say("client", submit("env-1", "t1"))  # said before: a no-op
+            late = await h.say("client", submit("env-9", "t9"))
+            assert (again.seq, late.seq) == (1, 2)
+
+            async def t9_recorded() -> bool:
+                return bool(h.of("t9"))
+
+            await eventually(t9_recorded)
+            with anyio.fail_after(TIMEOUT):
+                while True:
+                    info = await h.js.consumer_info(h.subjects.intake_stream,
+                                                    h.subjects.coordinator_consumer)
+                    if info.ack_floor.stream_seq == late.seq:
+                        break
+                    await anyio.sleep(POLL)
+            after = h.events()
+            assert after[: len(before)] == before
+            assert [(s["key"], s["kind"]) for _, s in after[len(before):]] == [
+                ("t9", Kind.SUBMITTED), ("t9", Kind.ASSIGNED)]
+            assert h.reader.tracking_position("intake") == ack.seq  # not moved back
+
+
 # -- rejections ---------------------------------------------------------------------------
 SMALL_POLICY = parse_policy(
     """

@@ -46,6 +46,7 @@ from coordinator.relay import outbox_items
 from coordinator.service import CoordinatorSettings, run_coordinator
 from ledgermesh.export import export_ledger
 from schemas import (
+    ApproveTool,
     Body,
     Codec,
     Complete,
@@ -54,9 +55,11 @@ from schemas import (
     HandoffDecision,
     HandoffRequest,
     LedgerRecord,
+    ResumeAgent,
     Say,
     Subjects,
     SubmitTask,
+    SuspendAgent,
     canonical,
 )
 from tests.live import team_policy
@@ -346,7 +349,7 @@ class LedgerContract:
               export_ledger_lines(ledger, task_id="t1")]
         assert [r.aggregate_id for r in t1] == [str(task_aggregate_id("t1"))] * 12
 
-    def test_restarted_writer_skips_what_tracking_already_holds(
+    def test_restarted_writer_records_nothing_twice(
         self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
     ) -> None:
         messages = scenario()
@@ -356,7 +359,7 @@ class LedgerContract:
         assert writer.position == len(messages)
 
         again = writer.record(messages)  # the whole intake redelivered after a restart
-        assert (again.events, again.positions, again.skipped) == ([], [], len(messages))
+        assert (again.events, again.positions, again.reused) == ([], [], 0)
         assert ledger.last_position() == before
 
         # A resend of a recorded envelope under a new stream sequence (a different
@@ -381,6 +384,53 @@ class LedgerContract:
                                             _codec.encode(reuse), reuse.id)])
         assert [(e.kind, e.data["code"]) for e in taken.events] == [
             (Kind.REJECTED, "task_exists")]
+
+    def test_operator_commands_sent_again_are_recorded_once(
+        self, location: str, ledgers: list[Ledger]
+    ) -> None:
+        """An approval lands on the task, a suspension on the agent's record: each is
+        known by its id there, redelivered or resent after JetStream forgot it."""
+        policy = team_policy('operators = ["operator"]\n')
+        said = [_env(1, "client", "t1", SubmitTask(to="triage", title="refund?")),
+                _env(2, "operator", "t1", ApproveTool(tool="payments.refund", reason="ok")),
+                _env(3, "operator", "-", SuspendAgent(agent="writer", reason="odd")),
+                _env(4, "operator", "-", ResumeAgent(agent="writer"))]
+        messages = [IntakeMessage(seq, SUBJECTS.intake(e.sender), _codec.encode(e), e.id)
+                    for seq, e in enumerate(said, start=1)]
+        ledger = open_ledger(location, create=True)
+        ledgers.append(ledger)
+        writer = LedgerWriter(ledger, policy, SUBJECTS, fixed_clock)
+        first = writer.record(messages)
+        assert [e.kind for e in first.events] == [
+            Kind.SUBMITTED, Kind.ASSIGNED, Kind.TOOL_APPROVED, Kind.SUSPENDED, Kind.RESUMED]
+        before = ledger.last_position()
+
+        assert writer.record(messages).events == []  # redelivered
+        resent = [IntakeMessage(m.seq + len(messages), m.subject, m.data, m.msg_id)
+                  for m in messages]
+        assert writer.record(resent).events == []  # resent past the dedup window
+        cold = LedgerWriter(self.reopen(location, ledgers), policy, SUBJECTS, fixed_clock)
+        assert cold.record(messages).events == []  # and to a restarted writer
+        assert ledger.last_position() == before
+
+    def test_sequences_a_stream_hands_out_again_are_new_messages(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        """An intake stream that lost its tail (a server crash before its sync) gives its
+        sequences to new messages: they are recorded, not taken for redeliveries."""
+        ledger = self.reopen(location, ledgers)
+        writer = LedgerWriter(ledger, POLICY, SUBJECTS, fixed_clock)
+        position = writer.position
+        new = _env(50, "client", "t50", SubmitTask(to="triage", title="after the crash"))
+        old = scenario()[0]
+        out = writer.record([
+            IntakeMessage(1, old.subject, old.data, old.msg_id),  # a real redelivery
+            IntakeMessage(2, SUBJECTS.intake("client"), _codec.encode(new), new.id),
+        ])
+        assert [(e.key, e.kind) for e in out.events] == [
+            ("t50", Kind.SUBMITTED), ("t50", Kind.ASSIGNED)]
+        assert out.reused == 1
+        assert writer.position == position == ledger.tracking_position("intake")
 
     # -- tamper detection -------------------------------------------------------------
     @pytest.mark.parametrize(
