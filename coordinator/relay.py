@@ -95,7 +95,18 @@ async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
     health.relayed_position = position
     task_status.started()
     read_log = True  # at start, and whenever the feed cannot vouch for what follows
+    reconnects = bus.reconnects
     while True:
+        if bus.reconnects != reconnects:
+            # A server that crashed before its sync comes back without what it acked
+            # since: relay again from what the stream really holds (a publish would find
+            # out too, but only once there is something new to publish).
+            reconnects = bus.reconnects
+            tail = subjects.ledger_position(await _tail(bus, subjects))
+            if tail < position:
+                log.warning("the ledger stream lost positions %d to %d (a server crash "
+                            "before its sync?): relaying them again", tail + 1, position)
+                position, read_log = tail, True
         notifications: Sequence[Notification] | None = (
             None if read_log or feed is None else feed.after(position, page))
         if notifications is None:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 import os
 import random
@@ -767,10 +768,12 @@ def ledger_events(path: Path) -> list[dict[str, Any]]:
 
 
 async def until(predicate: Any, within: float = 20.0, poll: float = 0.05) -> Any:
-    """Poll a (sync) predicate until it returns something truthy; that value."""
+    """Poll a predicate (sync or async) until it returns something truthy; that value."""
     with anyio.fail_after(within):
         while True:
             value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
             if value:
                 return value
             await anyio.sleep(poll)
