@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +49,11 @@ class _Intake:
     def __init__(self, bus: Bus, subjects: Subjects, agent: str, codec: Codec,
                  tasks: TaskGroup) -> None:
         self.tasks = tasks
+        # Keys the intake messages' ids (schemas/batch.py): another principal who can
+        # predict an id can take it first and get this agent's message dropped as a
+        # duplicate. A new key per process costs nothing: after a restart a republished
+        # turn is stored again and the ledger deduplicates its envelopes by their ids.
+        self._key = secrets.token_bytes(32)
         self._bus = bus
         self._subject = subjects.intake(agent)
         self._gateway = subjects.tool_gateway(agent)
@@ -58,7 +64,7 @@ class _Intake:
         waiting for the stream's acks."""
         encoded = [(e.id, self._codec.encode(e)) for e in envelopes]
         return [await self._bus.start_publish(self._subject, data, msg_id=msg_id)
-                for msg_id, data in pack(encoded)]
+                for msg_id, data in pack(encoded, key=self._key)]
 
     async def call_tool(self, envelope: Envelope, timeout: float) -> ToolOutcome:
         # The same envelope (same id) on every try: the gateway answers a repeat from the

@@ -52,6 +52,21 @@ def test_small_envelopes_share_a_message_and_a_long_one_goes_alone() -> None:
     assert pack([]) == []
 
 
+def test_with_a_key_every_envelope_goes_in_a_batch_under_a_keyed_id() -> None:
+    small = [("a", b'{"n":1}'), ("b", b'{"n":2}')]
+    long = ("c", b'{"n":"' + b"x" * 100 + b'"}')
+    key = b"k" * 32
+    assert pack([*small, long], max_bytes=64, key=key) == [
+        (batch_msg_id(["a", "b"], key), b'[{"n":1},{"n":2}]'),
+        (batch_msg_id(["c"], key), b"[" + long[1] + b"]"),
+    ]
+    assert pack(small[:1], key=key) == [(batch_msg_id(["a"], key), b'[{"n":1}]')]
+    # Nobody without the key can compute the id: not from the envelope ids, not unkeyed.
+    keyed = batch_msg_id(["a"], key)
+    assert keyed not in {"a", batch_msg_id(["a"]), batch_msg_id(["a"], b"j" * 32)}
+    assert keyed == batch_msg_id(["a"], key)  # a republish is still deduplicated
+
+
 def test_the_batch_id_depends_on_every_id_and_their_order() -> None:
     assert batch_msg_id(["a", "b"]) == batch_msg_id(["a", "b"])
     assert len({batch_msg_id(["a", "b"]), batch_msg_id(["b", "a"]), batch_msg_id(["a"]),
