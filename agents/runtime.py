@@ -1,7 +1,8 @@
 """Run an Agent as a service: pull deliveries, run handlers, publish outputs, then ack.
 
-A delivery is acked only after every output its handler produced was acked by the intake
-stream, so a crash before the ack redelivers it and the same output ids are republished.
+A delivery is acked only after the coordinator's receipt says the ledger recorded every
+output its handler produced (agents/receipts.py), so a crash before the ack, the agent's
+or the NATS machine's, redelivers it and the same output ids are published again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
+from agents.receipts import FIRST_WAIT_S, Receipts, Sent
 from agents.sdk import Agent, Context
 from bus.client import Bus, BusError, BusSettings, Credentials, Inbound, PendingAck, open_bus
 from bus.faults import CrashPoints
@@ -39,6 +41,7 @@ class AgentSettings:
     clock: Callable[[], datetime] = utc_now
     crash: CrashPoints = CrashPoints()
     credentials: Credentials | None = None  # None: an open (dev) server
+    receipt_wait_s: float = FIRST_WAIT_S  # before an unconfirmed output is sent again
 
 
 class _Intake:
@@ -47,8 +50,9 @@ class _Intake:
     shutdown cancels a publish in progress)."""
 
     def __init__(self, bus: Bus, subjects: Subjects, agent: str, codec: Codec,
-                 tasks: TaskGroup) -> None:
+                 tasks: TaskGroup, receipts: Receipts) -> None:
         self.tasks = tasks
+        self.receipts = receipts
         # Keys the intake messages' ids (schemas/batch.py): another principal who can
         # predict an id can take it first and get this agent's message dropped as a
         # duplicate. A new key per process costs nothing: after a restart a republished
@@ -59,12 +63,16 @@ class _Intake:
         self._gateway = subjects.tool_gateway(agent)
         self._codec = codec
 
-    async def publish(self, envelopes: list[Envelope]) -> list[PendingAck]:
+    async def publish(self, envelopes: list[Envelope], sent: list[Sent]) -> list[PendingAck]:
         """Put ``envelopes`` on the wire in order, batched (schemas/batch.py), without
-        waiting for the stream's acks."""
+        waiting for the stream's acks; each intake message is added to ``sent``, to wait
+        for its receipt."""
         encoded = [(e.id, self._codec.encode(e)) for e in envelopes]
-        return [await self._bus.start_publish(self._subject, data, msg_id=msg_id)
-                for msg_id, data in pack(encoded, key=self._key)]
+        pending = []
+        for msg_id, data in pack(encoded, key=self._key):
+            sent.append(self.receipts.expect(msg_id, data))
+            pending.append(await self._bus.start_publish(self._subject, data, msg_id=msg_id))
+        return pending
 
     async def call_tool(self, envelope: Envelope, timeout: float) -> ToolOutcome:
         # The same envelope (same id) on every try: the gateway answers a repeat from the
@@ -85,11 +93,12 @@ class _Turn:
     returns): they go out together, as one intake message. Each ``send`` of the turn
     returns the turn itself; ``wait`` until the stream has stored all of them."""
 
-    __slots__ = ("_before", "_intake", "_published", "envelopes")
+    __slots__ = ("_before", "_intake", "_published", "_sent", "envelopes")
 
-    def __init__(self, intake: _Intake, before: _Turn | None) -> None:
+    def __init__(self, intake: _Intake, before: _Turn | None, sent: list[Sent]) -> None:
         self.envelopes: list[Envelope] = []
         self._intake = intake
+        self._sent = sent  # the delivery's intake messages
         self._before = before  # published first, so turns reach the stream in order
         self._published: asyncio.Future[list[PendingAck]] | None = None
 
@@ -139,7 +148,7 @@ class _Turn:
                 # of order once the delivery comes again and says that one anew.
                 raise BusError("not published: an earlier output of this delivery was "
                                f"not ({exc})") from exc
-        return await self._intake.publish(self.envelopes)
+        return await self._intake.publish(self.envelopes, self._sent)
 
 
 def _observed(future: asyncio.Future[list[PendingAck]]) -> None:
@@ -155,11 +164,12 @@ class _DeliveryOutbox:
     def __init__(self, intake: _Intake) -> None:
         self._intake = intake
         self._turn: _Turn | None = None
+        self.sent: list[Sent] = []  # every intake message published, for the receipts
 
     async def send(self, envelope: Envelope) -> _Turn:
         turn = self._turn
         if turn is None or turn.started:
-            turn = self._turn = _Turn(self._intake, before=turn)
+            turn = self._turn = _Turn(self._intake, before=turn, sent=self.sent)
             # Runs once the handler waits on something (if it returns first, the runtime
             # publishes the turn as it settles): by then the turn holds all it said.
             asyncio.get_running_loop().call_soon(turn.start)
@@ -191,7 +201,10 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
         # policy); until they exist the pull loop waits and says so.
         send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=concurrency)
         async with anyio.create_task_group() as tg:
-            intake = _Intake(bus, subjects, agent.name, codec, tg)
+            receipts = Receipts(bus, subjects.receipt(agent.name), subjects.intake(agent.name),
+                                settings.clock, settings.receipt_wait_s)
+            await tg.start(receipts.serve)  # listening before anything is published
+            intake = _Intake(bus, subjects, agent.name, codec, tg, receipts)
             await tg.start(bus.serve_pull, consumer, send)
             for _ in range(concurrency):
                 tg.start_soon(_work, agent, receive.clone(), intake, codec, settings,
@@ -232,19 +245,23 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
                          agent.name, delivery.attempt, delivery.task_id, delivery.deadline)
                 await message.ack()
                 continue
-            ctx = Context(agent.name, delivery, _DeliveryOutbox(intake), settings.clock)
+            outbox = _DeliveryOutbox(intake)
+            ctx = Context(agent.name, delivery, outbox, settings.clock)
             settings.crash.reached("agent.handler", message.data)
             try:
                 await handle(agent, ctx, counters)
-                await ctx.settle()  # every output stored by intake before the ack
+                await ctx.settle()  # every output stored by intake
             except BusError as exc:
                 # Outputs not stored: leave the delivery unacked so it comes again (same
                 # output ids, so whatever did get stored is deduplicated).
+                intake.receipts.forget(outbox.sent)
                 counters.last_error = str(exc)
                 log.warning("%s: task %s not acked: %s", agent.name, delivery.task_id, exc)
                 continue
             settings.crash.reached("agent.before_ack", message.data)
-            await message.ack()
+            # Acked once recorded; the worker goes on meanwhile.
+            await intake.receipts.ack_when_recorded(message.ack, outbox.sent,
+                                                    delivery.deadline, delivery.task_id)
 
 
 async def handle(agent: Agent, ctx: Context, counters: _Counters | None = None) -> None:

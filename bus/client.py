@@ -462,6 +462,26 @@ class Bus:
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
 
+    # -- notices: plain NATS messages, fire and forget ------------------------------
+    async def notify(self, notices: Sequence[tuple[str, bytes]]) -> None:
+        """Publish plain NATS messages, in one write and unacknowledged: a notice lost on
+        the way (a reconnect, a slow receiver) is its receiver's to recover."""
+        if notices:
+            await self._write([b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(data), data)
+                               for subject, data in notices])
+
+    async def serve_notices(self, subject: str, handle: Callable[[bytes], Awaitable[None]], *,
+                            task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Hand each notice on ``subject`` to ``handle``, in order, until cancelled."""
+        sub = await self._nc.subscribe(subject)
+        task_status.started()
+        try:
+            async for msg in sub.messages:
+                await handle(msg.data)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
     async def flush(self, timeout: int = 5) -> None:
         """Until the server has everything published so far (acks included)."""
         try:

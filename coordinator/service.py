@@ -115,8 +115,9 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                     # log, it does on its own thread (WAL lets it read while the writer commits).
                     await tg.start(partial(serve_relay, bus, ledger, anyio.CapacityLimiter(1),
                                            subjects, doorbell, health, settings.crash, feed=feed))
-                    await tg.start(serve_intake, bus, writer, writes, subjects, doorbell, health,
-                                   settings.batch_max, settings.crash)
+                    await tg.start(partial(serve_intake, bus, writer, writes, subjects, doorbell,
+                                           health, settings.batch_max, settings.crash,
+                                           receipts_for=frozenset(settings.policy.agents)))
                     await tg.start(serve_timer, writer, writes, doorbell, health)
                     await tg.start(partial(serve_checkpoints, writer, ledger, writes, doorbell,
                                            health, checkpointer,

@@ -6,15 +6,17 @@ reply subject of a JetStream request, and JetStream stores its answer there. So 
 is one account per principal, not one user list (``<P>`` is the upper-cased prefix):
 
 - ``<P>_CORE``: the streams (JetStream on) and the coordinator user: ``$JS.API.>``, acks of
-  its intake consumer, ``<p>.ledger.>``, ``<p>.deliver.>``, ``$SRV.>`` (pinging), the tool
-  gateway ``<p>.toolcall.*`` (subscribe) and ``<p>.tool.<tool>`` (calls to tool hosts).
+  its intake consumer, ``<p>.ledger.>``, ``<p>.deliver.>``, ``<p>.receipt.*``, ``$SRV.>``
+  (pinging), the tool gateway ``<p>.toolcall.*`` (subscribe) and ``<p>.tool.<tool>``
+  (calls to tool hosts).
 - ``<P>_AGENT_<name>``, one per agent, imports from the core exactly its intake subject,
   the ``MSG.NEXT`` and ``$JS.ACK`` subjects of its own delivery consumer (services;
-  ``MSG.NEXT`` with ``response_type: stream``) and its gateway subject
-  ``<p>.toolcall.<name>``; it exports its NATS micro subjects (``$SRV.*.<p>_<name>``,
-  ``$SRV.*.<p>_<name>.*``, ``<p>_<name>.status``) to the core (the coordinator pings agents
-  by name) and to the observer. A reply subject an agent chooses is mapped by the server
-  and its answer lands back in the agent's own account, where no stream listens.
+  ``MSG.NEXT`` with ``response_type: stream``), its gateway subject
+  ``<p>.toolcall.<name>`` and its receipts ``<p>.receipt.<name>`` (a stream); it exports
+  its NATS micro subjects (``$SRV.*.<p>_<name>``, ``$SRV.*.<p>_<name>.*``,
+  ``<p>_<name>.status``) to the core (the coordinator pings agents by name) and to the
+  observer. A reply subject an agent chooses is mapped by the server and its answer lands
+  back in the agent's own account, where no stream listens.
 - ``<P>_CLIENT_<name>``, one per ``submitters`` / ``operators`` principal that is not an
   agent: its intake subject, and reading the ledger (below).
 - ``<P>_OBSERVER``: reads the ledger; pings and asks the status of every service.
@@ -217,7 +219,7 @@ class AuthLayout:
         s = self.subjects
         own = self._service_subjects(COORDINATOR)
         publish = ["$JS.API.>", *self._acks(s.intake_stream, s.coordinator_consumer),
-                   s.ledger_all, s.deliver_all, "$SRV.>"]
+                   s.ledger_all, s.deliver_all, s.receipt_all, "$SRV.>"]
         publish += [sub for agent in self.agents for sub in self._service_subjects(agent)
                     if not sub.startswith("$SRV.")]
         publish += [s.tool(tool) for tool in self.tools]  # asking tool hosts to run a call
@@ -235,6 +237,7 @@ class AuthLayout:
             exports += [{"service": ack, "accounts": to}
                         for ack in self._acks(s.deliver_stream, s.agent_consumer(agent))]
             exports.append({"service": s.tool_gateway(agent), "accounts": to})
+            exports.append({"stream": s.receipt(agent), "accounts": to})
         for client in self.clients:
             to = [self.client_account(client)]
             exports.append({"service": s.intake(client), "accounts": to})
@@ -258,10 +261,11 @@ class AuthLayout:
         own = self._service_subjects(agent)
         own_subjects = [s.intake(agent), self._pull(agent), *acks, s.tool_gateway(agent)]
         user = _user(key, publish=own_subjects,
-                     subscribe=[f"{self.inbox(agent)}.>", "$SRV.PING", "$SRV.INFO",
-                                "$SRV.STATS", *own],
+                     subscribe=[f"{self.inbox(agent)}.>", s.receipt(agent), "$SRV.PING",
+                                "$SRV.INFO", "$SRV.STATS", *own],
                      responses=True)  # micro replies go to the requester's reply subject
         imports = [{"service": {"account": self.core, "subject": sub}} for sub in own_subjects]
+        imports.append({"stream": {"account": self.core, "subject": s.receipt(agent)}})
         exports = _service_exports(own, [self.core, self.observer_account])
         return {"users": [user], "imports": imports, "exports": exports}
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.messages import Delivery, Envelope
+from schemas.messages import Delivery, Envelope, Receipt
 
 __all__ = [
     "JSON_SCHEMA_DIALECT",
@@ -50,6 +50,14 @@ _EXPORTS: tuple[_Export, ...] = (
         "A ledgermesh delivery, published by the coordinator on the NATS subject "
         "`<prefix>.deliver.<agent>` (one token per part; `<prefix>` defaults to `lm`) "
         "once the envelope that made `<agent>` the task's owner is recorded.",
+    ),
+    _Export(
+        "receipt.schema.json",
+        Receipt,
+        "A ledgermesh receipt, published by the coordinator on the NATS subject "
+        "`<prefix>.receipt.<agent>` after a commit: the `Nats-Msg-Id` of each of the "
+        "agent's intake messages now recorded. Ack a delivery only once every message "
+        "sent for it is named in one (docs/protocol.md §7).",
     ),
 )
 

@@ -175,6 +175,16 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     deadline: Timestamp | None = None
 
 
+class Receipt(msgspec.Struct, frozen=True, kw_only=True):
+    """What the coordinator sends on ``<prefix>.receipt.<agent>`` after a commit: the
+    ``Nats-Msg-Id`` of each of the agent's intake messages it has now recorded (or
+    refused, or found already recorded). An agent acks a delivery only once every message
+    its handler sent is named in one: JetStream acknowledges before it syncs to disk, so
+    its PubAck alone does not survive a machine crash."""
+
+    ids: tuple[str, ...]
+
+
 class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One recorded event as relayed on ``<prefix>.ledger.<aggregate>.<key>.<kind>``.
 

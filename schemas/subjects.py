@@ -46,6 +46,14 @@ class Subjects:
     def deliver_all(self) -> str:
         return f"{self.prefix}.deliver.>"
 
+    def receipt(self, agent: str) -> str:
+        """Where the coordinator tells ``agent`` which of its intake messages are recorded."""
+        return f"{self.prefix}.receipt.{agent}"
+
+    @property
+    def receipt_all(self) -> str:
+        return f"{self.prefix}.receipt.*"
+
     def tool_gateway(self, agent: str) -> str:
         """Where ``agent`` asks the coordinator to run a tool (request/reply)."""
         return f"{self.prefix}.toolcall.{agent}"

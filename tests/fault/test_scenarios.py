@@ -368,3 +368,57 @@ async def test_nats_server_loses_what_it_had_not_synced(prefix: str, scenario: s
             summary = await w.verify(drain_within=60, redelivered=True)
     assert summary.violations == []
     assert summary.counts["completed"] == 45
+
+
+async def test_outputs_acked_but_not_recorded_when_nats_loses_power_are_sent_again(
+        prefix: str, scenario: str, tmp_path: Path) -> None:
+    """The coordinator is stopped (SIGSTOP) while agents finish their handlers: the
+    stream acks their outputs, then a power loss rolls it back to before them. Nothing
+    recorded them, so no receipt comes; each agent publishes its outputs again and acks
+    its delivery once they are recorded, long before the attempts' 30 s deadline."""
+    store = tmp_path / "nats"
+    synced = tmp_path / "nats-as-synced"
+    port = free_port()
+    specs = [TaskSpec(f"slow-{i:03d}", "worker", {"says": 1, "sleep": 3}) for i in range(10)]
+    ids = [s.task_id for s in specs]
+    async with AsyncExitStack() as servers:
+        server = await servers.enter_async_context(open_embedded_nats(store, port=port))
+        async with open_world(scenario, server.url, prefix, tmp_path / "world",
+                              policy=policy_text(deadline_s=30.0)) as w:
+            await start(w, "worker", "finisher")
+            coordinator = w.dep.running("coordinator")[0]
+            await w.client.submit_all(specs)
+
+            def all_said() -> bool:  # every handler is in its sleep
+                events = ledger_events(w.dep.ledger)
+                return all(Kind.SAID in [e["kind"] for e in of_task(events, t)] for t in ids)
+
+            await until(all_said, within=20)
+            w.dep.fault("kill -9 nats-server", pid=server.pid)
+            os.kill(server.pid, signal.SIGKILL)
+            await anyio.sleep(0.5)
+            shutil.copytree(store / "jetstream", synced)  # what the disk holds at the sync
+            server = await servers.enter_async_context(open_embedded_nats(store, port=port))
+            w.dep.fault("nats-server restarted", pid=server.pid)
+            w.dep.pause(coordinator)
+
+            def all_ended() -> bool:  # each handler published its completion (acked)
+                ended = {e["task_id"] for e in w.history.read() if e.get("op") == "end"}
+                return set(ids) <= ended
+
+            await until(all_ended, within=20)
+            await anyio.sleep(0.5)
+            w.dep.fault("kill -9 nats-server", pid=server.pid)
+            os.kill(server.pid, signal.SIGKILL)
+            await anyio.sleep(0.5)
+            shutil.rmtree(store / "jetstream")
+            shutil.copytree(synced, store / "jetstream")
+            w.dep.fault("nats store rolled back to its last sync")
+            server = await servers.enter_async_context(open_embedded_nats(store, port=port))
+            w.dep.fault("nats-server restarted", pid=server.pid)
+            w.dep.resume(coordinator)
+            await all_terminal(w, ids, within=20)  # well inside the 30 s deadline
+            summary = await w.verify(drain_within=60, redelivered=True)
+    assert summary.violations == []
+    assert summary.counts["completed"] == 10
+    assert summary.counts["timed_out"] == 0

@@ -250,6 +250,25 @@ async def test_an_agent_cannot_pull_another_agents_deliveries(world: World) -> N
         await msg.ack()
 
 
+async def test_an_agent_cannot_read_another_agents_receipts(world: World) -> None:
+    s = world.subjects
+    errors: list[str] = []
+    async with raw(world, "writer", errors) as nc:
+        await nc.subscribe(s.receipt("reviewer"))
+        await nc.flush()
+        with anyio.fail_after(REFUSED_WITHIN):
+            while True:
+                if any("permissions violation" in e for e in errors):
+                    break
+                await anyio.sleep(0.02)
+    own: list[str] = []
+    async with raw(world, "writer", own) as nc:  # its own: allowed
+        await nc.subscribe(s.receipt("writer"))
+        await nc.flush()
+        await anyio.sleep(0.2)
+    assert own == []
+
+
 async def test_a_redirected_reply_stays_in_the_senders_account(world: World) -> None:
     """Reply-subject redirection: a reply subject naming another intake (or the ledger)
     must not make JetStream store its PubAck (or a delivery) there."""
@@ -407,6 +426,16 @@ async def test_a_task_completes_end_to_end_with_auth_on(world: World, tmp_path: 
                         seen.append(event)
                         if event["kind"] in ("task.completed", "task.failed"):
                             break
+            # Every delivery was acked: that takes the coordinator's receipt, which only
+            # reaches the writer's account through its import.
+            async with raw(world, COORDINATOR) as nc:
+                with anyio.fail_after(10):
+                    while True:
+                        info = await nc.jetstream().consumer_info(s.deliver_stream,
+                                                                  s.agent_consumer("writer"))
+                        if not info.num_ack_pending:
+                            break
+                        await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
     kinds = [e["kind"] for e in seen]
     assert kinds[0] == "task.submitted", kinds
