@@ -118,7 +118,10 @@ class Receipts:
             waiter.left.remove(message)
             if not waiter.left:
                 self._waiting.discard(waiter)
-                await waiter.ack()
+                try:
+                    await waiter.ack()
+                except Exception as exc:  # nats-py's errors vary; the delivery comes again
+                    log.warning("task %s: ack failed: %s", waiter.task_id, exc)
 
     async def _publish_overdue(self) -> None:
         now = anyio.current_time()

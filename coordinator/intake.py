@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 import anyio
-import msgspec
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
@@ -19,20 +18,19 @@ from bus.topology import coordinator_consumer
 from coordinator.health import Health
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter
 from coordinator.ledger_writes import LedgerWrites
+from coordinator.receipts import ReceiptBook
 from coordinator.signals import Doorbell
-from schemas import Receipt, Subjects, is_batch
+from schemas import Subjects, is_batch
 
 log = logging.getLogger("ledgermesh.coordinator.intake")
-_receipt = msgspec.json.Encoder()
 
 
 async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
                        subjects: Subjects, relay: Doorbell, health: Health,
                        batch_max: int = 256, crash: CrashPoints = NO_CRASH, *,
-                       linger: float = 0.0005, receipts_for: frozenset[str] = frozenset(),
+                       linger: float = 0.0005, receipts: ReceiptBook | None = None,
                        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-    """``receipts_for``: the principals (the policy's agents) told after each commit which
-    of their intake messages it recorded."""
+    """``receipts``: where what each commit recorded is noted, for the agents that sent it."""
     send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=batch_max * 2)
     async with anyio.create_task_group() as tg, receive:
         await tg.start(bus.serve_pull, coordinator_consumer(subjects), send)
@@ -57,7 +55,8 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
             messages = await _in_stream_order(bus, subjects, writer.position, batch)
             await _record_until_stored(messages, writer, writes, health)
             relay.ring()  # recorded: the relay may publish while the acks go out
-            await _send_receipts(bus, subjects, messages, receipts_for)
+            if receipts is not None:
+                receipts.add(messages, anyio.current_time())
             crash.reached("coordinator.after_commit", batch[0].data)
             # One ack for the batch (the consumer acks all up to it): it covers every
             # message up to the newest in the stream, and everything up to there is
@@ -102,24 +101,6 @@ async def _in_stream_order(bus: Bus, subjects: Subjects, position: int,
             subject, data, headers = stored
             out.append(IntakeMessage(seq, subject, data, headers.get(MSG_ID)))
     return sorted(out, key=lambda m: m.seq)
-
-
-async def _send_receipts(bus: Bus, subjects: Subjects, messages: list[IntakeMessage],
-                         receivers: frozenset[str]) -> None:
-    """One receipt per agent that sent any of ``messages``, naming their Nats-Msg-Ids.
-
-    Plain NATS, unacknowledged: an agent that misses one publishes again under a new id,
-    which the ledger finds already recorded, and gets a receipt for that."""
-    ids: dict[str, list[str]] = {}
-    for message in messages:
-        principal = subjects.principal_of(message.subject)
-        if principal in receivers and message.msg_id is not None:
-            ids.setdefault(principal, []).append(message.msg_id)
-    try:
-        await bus.notify([(subjects.receipt(principal), _receipt.encode(Receipt(ids=tuple(sent))))
-                          for principal, sent in ids.items()])
-    except BusError as exc:  # the agents will ask again
-        log.warning("receipts not sent: %s", exc)
 
 
 async def _record_until_stored(messages: list[IntakeMessage], writer: LedgerWriter,

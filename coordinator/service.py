@@ -28,6 +28,7 @@ from coordinator.ledger.writer import LedgerWriter
 from coordinator.ledger_writes import LedgerWrites
 from coordinator.metrics import serve_metrics
 from coordinator.policy import Policy
+from coordinator.receipts import ReceiptBook
 from coordinator.relay import relay_rest, serve_relay
 from coordinator.signals import Doorbell
 from coordinator.timer import serve_timer
@@ -115,9 +116,11 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                     # log, it does on its own thread (WAL lets it read while the writer commits).
                     await tg.start(partial(serve_relay, bus, ledger, anyio.CapacityLimiter(1),
                                            subjects, doorbell, health, settings.crash, feed=feed))
+                    receipts = ReceiptBook(subjects, frozenset(settings.policy.agents))
+                    await tg.start(partial(receipts.serve, bus))
                     await tg.start(partial(serve_intake, bus, writer, writes, subjects, doorbell,
                                            health, settings.batch_max, settings.crash,
-                                           receipts_for=frozenset(settings.policy.agents)))
+                                           receipts=receipts))
                     await tg.start(serve_timer, writer, writes, doorbell, health)
                     await tg.start(partial(serve_checkpoints, writer, ledger, writes, doorbell,
                                            health, checkpointer,
