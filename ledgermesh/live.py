@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import uuid
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from bus.client import BusSettings, Credentials, Observed, open_bus
+from bus.client import Bus, BusError, BusSettings, Credentials, Observed, open_bus
 from coordinator.service import utc_now
 from ledgermesh.auth import load_credentials
 from ledgermesh.style import Style, short, stdout_style
@@ -28,6 +29,9 @@ from schemas import (
     SuspendAgent,
     is_token,
 )
+
+log = logging.getLogger("ledgermesh.cli")
+AGAIN_S = 3.0  # without a verdict, a submission or command is published again this often
 
 
 class UsageError(LedgermeshError):
@@ -72,7 +76,8 @@ def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_t
     envelope = Envelope(id=str(uuid.uuid4()), sender=who, task_id=task, sent_at=utc_now(),
                         body=SubmitTask(to=to, title=title, payload=payload))
     event = await_verdict(settings, subjects, envelope, wait,
-                          watch=(subjects.ledger_of_task(task),))
+                          watch=(subjects.ledger_of_task(task),),
+                          verdicts=(subjects.ledger("task", task, "task.submitted"),))
     if event is None:
         print(f"submitted {task} to {to}; no verdict from the coordinator within {wait:.0f} s "
               "(is it running?)")
@@ -86,11 +91,39 @@ def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_t
 
 
 def await_verdict(settings: BusSettings, subjects: Subjects, envelope: Envelope, wait: float,
-                  watch: tuple[str, ...]) -> dict[str, Any] | None:
+                  watch: tuple[str, ...], verdicts: tuple[str, ...],
+                  again_s: float = AGAIN_S) -> dict[str, Any] | None:
     """Publish ``envelope`` on its sender's intake; the first ledger event it caused (or its
-    rejection), or None if nothing was recorded within ``wait`` seconds."""
+    rejection), or None if nothing was recorded within ``wait`` seconds.
+
+    The verdict is watched for live on ``watch``. Every ``again_s`` without one, the last
+    event on each of ``verdicts`` (ledger subjects without wildcards) is read, since a
+    restarted nats-server loses the live watch; if none is it, the envelope is published
+    again, same bytes and id: JetStream acks before it syncs, so a crash of the NATS
+    machine can lose an acked message (a stream that still holds it stores nothing)."""
     found: list[dict[str, Any]] = []
     rejections = subjects.ledger("principal", envelope.sender, "message.rejected")
+    intake, data = subjects.intake(envelope.sender), Codec().encode(envelope)
+
+    def caused(record_data: bytes) -> dict[str, Any] | None:
+        record = msgspec.json.decode(record_data, type=LedgerRecord)
+        event: dict[str, Any] = msgspec.json.decode(record.event)
+        return event if event["msg_id"] == envelope.id else None
+
+    async def publish_again(bus: Bus, done: anyio.CancelScope) -> None:
+        while True:
+            await anyio.sleep(again_s)
+            try:
+                for subject in (*verdicts, rejections):
+                    stored = await bus.last_message(subjects.ledger_stream, subject, wait=0.5)
+                    event = caused(stored) if stored is not None else None
+                    if event is not None:
+                        found.append(event)
+                        done.cancel()
+                        return
+                await bus.publish(intake, data, msg_id=envelope.id)
+            except BusError as exc:  # no stream yet, a reconnect: next time
+                log.info("no verdict for %s yet, and cannot ask again: %s", envelope.id, exc)
 
     async def main() -> None:
         async with open_bus(settings) as bus:
@@ -101,13 +134,12 @@ def await_verdict(settings: BusSettings, subjects: Subjects, envelope: Envelope,
                     await tg.start(bus.serve_observe, subjects.ledger_stream, subject,
                                    send.clone(), False)
                 send.close()
-                await bus.publish(subjects.intake(envelope.sender), Codec().encode(envelope),
-                                  msg_id=envelope.id)
+                await bus.publish(intake, data, msg_id=envelope.id)
+                tg.start_soon(publish_again, bus, tg.cancel_scope)
                 with anyio.move_on_after(wait):
                     async for message in receive:
-                        record = msgspec.json.decode(message.data, type=LedgerRecord)
-                        event = msgspec.json.decode(record.event)
-                        if event["msg_id"] == envelope.id:
+                        event = caused(message.data)
+                        if event is not None:
                             found.append(event)
                             break
                 tg.cancel_scope.cancel()
@@ -132,10 +164,15 @@ def operator_command(nats_url: str, prefix: str, body: ApproveTool | SuspendAgen
         raise UsageError(f"task id {task_id!r}: use 1-128 letters, digits, '-' or '_'")
     envelope = Envelope(id=str(uuid.uuid4()), sender=who, task_id=task_id,
                         sent_at=utc_now(), body=body)
-    target = (subjects.ledger_of_task(task_id) if isinstance(body, ApproveTool)
-              else subjects.ledger("principal", body.agent, ">"))
+    if isinstance(body, ApproveTool):
+        target, verdict = (subjects.ledger_of_task(task_id),
+                           subjects.ledger("task", task_id, "tool.approved"))
+    else:
+        kind = "agent.suspended" if isinstance(body, SuspendAgent) else "agent.resumed"
+        target, verdict = (subjects.ledger("principal", body.agent, ">"),
+                           subjects.ledger("principal", body.agent, kind))
     event = await_verdict(BusSettings.of(nats_url, f"{prefix}_operator", credentials),
-                          subjects, envelope, wait, watch=(target,))
+                          subjects, envelope, wait, watch=(target,), verdicts=(verdict,))
     if event is None:
         print(f"sent; no verdict from the coordinator within {wait:.0f} s (is it running?)")
         return 1

@@ -167,6 +167,11 @@ class Deployment:
         env = {CRASH_ENV: crash_at} if crash_at else {}
         return self._spawn(name, ["agent", "run", f"{WORKLOAD}:{name}"], env)
 
+    def submit_cli(self, task_id: str, to: str) -> Child:
+        """``ledgermesh submit`` as a user runs it: it waits for the ledger's verdict."""
+        return self._spawn(f"submit-{task_id}", ["submit", "--to", to, "--title", task_id,
+                                                 "--task-id", task_id], {})
+
     async def ready(self, bus: Bus, *children: Child) -> None:
         await wait_ready(bus, self.subjects, list(children), timeout=30.0)
 

@@ -375,7 +375,9 @@ async def test_outputs_acked_but_not_recorded_when_nats_loses_power_are_sent_aga
     """The coordinator is stopped (SIGSTOP) while agents finish their handlers: the
     stream acks their outputs, then a power loss rolls it back to before them. Nothing
     recorded them, so no receipt comes; each agent publishes its outputs again and acks
-    its delivery once they are recorded, long before the attempts' 30 s deadline."""
+    its delivery once they are recorded, long before the attempts' 30 s deadline. A
+    `ledgermesh submit` of the same moment is lost too, and published again by the
+    command, which waits for the ledger's verdict."""
     store = tmp_path / "nats"
     synced = tmp_path / "nats-as-synced"
     port = free_port()
@@ -407,7 +409,9 @@ async def test_outputs_acked_but_not_recorded_when_nats_loses_power_are_sent_aga
                 return set(ids) <= ended
 
             await until(all_ended, within=20)
-            await anyio.sleep(0.5)
+            # A user submits a task meanwhile: stored by the stream, recorded by nobody yet.
+            submit = w.dep.submit_cli("by-hand", "worker")
+            await anyio.sleep(1.0)
             w.dep.fault("kill -9 nats-server", pid=server.pid)
             os.kill(server.pid, signal.SIGKILL)
             await anyio.sleep(0.5)
@@ -418,6 +422,9 @@ async def test_outputs_acked_but_not_recorded_when_nats_loses_power_are_sent_aga
             w.dep.fault("nats-server restarted", pid=server.pid)
             w.dep.resume(coordinator)
             await all_terminal(w, ids, within=20)  # well inside the 30 s deadline
+            # The command published it again for want of a verdict, and got one.
+            assert await w.dep.exited(submit) == 0, submit.log_file.read_text()
+            await all_terminal(w, ["by-hand"])
             summary = await w.verify(drain_within=60, redelivered=True)
     assert summary.violations == []
     assert summary.counts["completed"] == 10
