@@ -113,6 +113,10 @@ def parse_args(argv: list[str] | None, prog: str = "python -m bench") -> argpars
                              "postgresql://postgres@127.0.0.1:5432/test (default: "
                              "$LEDGERMESH_BENCH_POSTGRES or $LEDGERMESH_TEST_POSTGRES); each "
                              "run uses a fresh schema, dropped at the end")
+    parser.add_argument("--nats-sync", choices=("default", "always"), default="default",
+                        help="when JetStream fsyncs, for the system and the JetStream "
+                             "baseline: default (every 2 minutes, as `ledgermesh demo` runs) "
+                             "or always (before every ack, as the configs in deploy/ set)")
     parser.add_argument("--skip-peers", action="store_true", help="do not run peer frameworks")
     parser.add_argument("--peers-python", default=sys.executable, metavar="PYTHON",
                         help="interpreter with the peer frameworks installed (default: this "
@@ -187,9 +191,9 @@ class RssSampler:
 
 
 async def system_run(location: str, workdir: Path, profile: Profile, say: Any,
-                     label: str) -> dict[str, Any]:
+                     label: str, nats_config: Path | None = None) -> dict[str, Any]:
     """One run of the real system: latency at 1, throughput at 64, latency at 50%."""
-    async with open_stack(workdir, location) as stack:
+    async with open_stack(workdir, location, nats_config=nats_config) as stack:
         driver = Driver(stack)
         sampler = RssSampler(stack)
         async with driver.observing(), anyio.create_task_group() as tg:
@@ -235,10 +239,11 @@ async def system_run(location: str, workdir: Path, profile: Profile, say: Any,
     return figures
 
 
-async def long_run(location: str, workdir: Path, profile: Profile, say: Any) -> dict[str, Any]:
+async def long_run(location: str, workdir: Path, profile: Profile, say: Any,
+                   nats_config: Path | None = None) -> dict[str, Any]:
     """Drive the real system at 64 in flight until the ledger holds ``long_events``."""
     target = profile.long_events
-    async with open_stack(workdir, location) as stack:
+    async with open_stack(workdir, location, nats_config=nats_config) as stack:
         driver = Driver(stack)
         sampler = RssSampler(stack)
         async with driver.observing(), anyio.create_task_group() as tg:
@@ -315,6 +320,10 @@ class Bench:
     async def run(self, workdir: Path) -> dict[str, Any]:
         p = self.profile
         args = self.args
+        nats_config = None
+        if args.nats_sync == "always":
+            nats_config = workdir / "nats-sync-always.conf"
+            await anyio.Path(nats_config).write_text("jetstream {\n  sync_interval: always\n}\n")
         if "postgres" in self.backends:
             problem = pg.check(args.postgres)
             if problem is not None:
@@ -345,7 +354,7 @@ class Bench:
             for backend in self.backends:
                 location = self.ledger_location(backend, workdir, f"{backend}-run{run}")
                 figures = await system_run(location, workdir / f"{backend}-run{run}", p,
-                                           self.say, f"{backend:<8}")
+                                           self.say, f"{backend:<8}", nats_config)
                 nats_version = figures["nats_version"]
                 figures["ledger_bytes_per_event"] = (ledger_bytes(location)
                                                      / max(figures["events"], 1))
@@ -354,7 +363,8 @@ class Bench:
                 kept[backend] = location
                 if previous is not None:
                     self._discard(backend, previous)
-            async with open_embedded_nats(workdir / f"baseline-nats-{run}") as server:
+            async with open_embedded_nats(workdir / f"baseline-nats-{run}",
+                                          config_file=nats_config) as server:
                 limit = await baseline_limit.measure(
                     server.url, workdir / f"limit-run{run}",
                     latency_tasks=p.limit_latency_tasks, throughput_tasks=10**9,
@@ -386,7 +396,8 @@ class Bench:
             backend = self.backends[0]
             self.say(f"long run ({backend}): driving the system to {p.long_events:,} events")
             location = self.ledger_location(backend, workdir, f"{backend}-long")
-            longs[backend] = await long_run(location, workdir / f"{backend}-long", p, self.say)
+            longs[backend] = await long_run(location, workdir / f"{backend}-long", p, self.say,
+                                            nats_config)
             self._discard(backend, kept[backend])
             kept[backend] = location
         replays: dict[str, dict[str, Any]] = {}
@@ -533,6 +544,7 @@ class Bench:
         return {
             "meta": {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                      "mode": p.name, "runs": p.runs, "argv": sys.argv[1:],
+                     "nats_sync": self.args.nats_sync,
                      "machine": machine(nats_version),
                      "seconds": round(time.monotonic() - self.started, 1),
                      "profile": vars(p)},

@@ -83,7 +83,8 @@ def table(result: dict[str, Any]) -> str:
         f"ledgermesh bench — handoff chain, {result['workload']['hops']} hops, agents as OS "
         f"processes; mode {meta['mode']}, {meta['runs']} run(s); median (min–max)",
         f"{meta['date']} · {meta['machine']['cpus']} CPUs · {meta['machine']['memory']} · "
-        f"Python {meta['machine']['python']} · nats-server {meta['machine']['nats_server']}",
+        f"Python {meta['machine']['python']} · nats-server {meta['machine']['nats_server']}"
+        f" (JetStream sync: {meta.get('nats_sync', 'default')})",
         "",
         "".ljust(width) + "".join(c.ljust(col) for c in columns),
     ]

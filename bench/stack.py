@@ -100,13 +100,14 @@ class Stack:
 
 
 @asynccontextmanager
-async def open_stack(workdir: Path, ledger: str, *,
-                     agent_concurrency: int | None = None) -> AsyncIterator[Stack]:
-    """Embedded NATS + coordinator + hop1..hop5, each its own process; stopped on exit."""
+async def open_stack(workdir: Path, ledger: str, *, agent_concurrency: int | None = None,
+                     nats_config: Path | None = None) -> AsyncIterator[Stack]:
+    """Embedded NATS (with ``nats_config``, if given) + coordinator + hop1..hop5, each its
+    own process; stopped on exit."""
     subjects = Subjects(PREFIX)
     policy = chain.write_policy(workdir)
     logs = workdir / "logs"
-    async with open_embedded_nats(workdir / "nats") as server:
+    async with open_embedded_nats(workdir / "nats", config_file=nats_config) as server:
         common = ["--nats", server.url, "--prefix", PREFIX]
         children: list[Child] = []
         try:
