@@ -32,7 +32,6 @@ class ReceiptBook:
         self._agents = agents  # only agents wait for receipts (clients read the ledger)
         self._every_s = every_s
         self._ids: dict[str, list[str]] = {}
-        self._held = 0
         self._since: float | None = None  # when the oldest id held was added
         self._added = anyio.Event()  # set while anything is held
 
@@ -41,8 +40,7 @@ class ReceiptBook:
             principal = self._subjects.principal_of(message.subject)
             if principal in self._agents and message.msg_id is not None:
                 self._ids.setdefault(principal, []).append(message.msg_id)
-                self._held += 1
-        if self._held and self._since is None:
+        if self._ids and self._since is None:
             self._since = now
             self._added.set()
 
@@ -51,7 +49,6 @@ class ReceiptBook:
         out = [(self._subjects.receipt(agent), _receipt.encode(Receipt(ids=tuple(ids))))
                for agent, ids in self._ids.items()]
         self._ids.clear()
-        self._held = 0
         self._since = None
         self._added = anyio.Event()
         return out

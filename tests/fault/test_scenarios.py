@@ -326,6 +326,41 @@ async def test_duplicates_outside_the_dedup_window_are_recorded_once(
         [e for e in recorded if e["aggregate"] != "checkpoint"]
 
 
+class NatsMachine:
+    """A dedicated nats-server on a fixed port and store, killed with -9 and restarted at
+    will; its disk can be copied at a "sync" and put back later: a power loss, since
+    JetStream syncs only every 2 minutes by default."""
+
+    def __init__(self, root: Path, servers: AsyncExitStack) -> None:
+        self.store = root / "nats"
+        self._synced = root / "nats-as-synced"
+        self._port = free_port()
+        self._servers = servers
+        self.server: EmbeddedNats | None = None
+
+    async def start(self) -> EmbeddedNats:
+        self.server = await self._servers.enter_async_context(
+            open_embedded_nats(self.store, port=self._port))
+        return self.server
+
+    async def restart(self, w: World, *, sync: bool = False,
+                      lose_since_sync: bool = False) -> None:
+        """kill -9, then (``sync``) copy what the disk holds, or (``lose_since_sync``) put
+        that copy back, and start again on the same port and store."""
+        assert self.server is not None
+        w.dep.fault("kill -9 nats-server", pid=self.server.pid)
+        os.kill(self.server.pid, signal.SIGKILL)
+        await anyio.sleep(0.5)
+        if sync:
+            shutil.copytree(self.store / "jetstream", self._synced)
+        if lose_since_sync:
+            shutil.rmtree(self.store / "jetstream")
+            shutil.copytree(self._synced, self.store / "jetstream")
+            w.dep.fault("nats store rolled back to its last sync")
+        server = await self.start()
+        w.dep.fault("nats-server restarted", pid=server.pid)
+
+
 async def test_nats_server_loses_what_it_had_not_synced(prefix: str, scenario: str,
                                                         tmp_path: Path) -> None:
     """Power loss on the NATS machine: JetStream acks before it syncs (every 2 minutes by
@@ -333,34 +368,19 @@ async def test_nats_server_loses_what_it_had_not_synced(prefix: str, scenario: s
     the store as it was at a kill -9 is put back after a later one. Tasks recorded in the
     lost window stay recorded and relayed; tasks submitted after it, on reused stream
     sequences, are recorded too, not mistaken for redeliveries."""
-    store = tmp_path / "nats"
-    synced = tmp_path / "nats-as-synced"
-    port = free_port()
     async with AsyncExitStack() as servers:
-        server = await servers.enter_async_context(open_embedded_nats(store, port=port))
+        nats = NatsMachine(tmp_path, servers)
+        server = await nats.start()
         async with open_world(scenario, server.url, prefix, tmp_path / "world") as w:
             await start(w, "worker", "finisher")
             for tag, seed in (("one", 21), ("two", 22), ("three", 23)):
                 specs = workload(tag, 15, seed=seed, flaky=0.0)
                 await w.client.submit_all(specs)
                 await all_terminal(w, [s.task_id for s in specs])
-                if tag == "three":
-                    break
-                w.dep.fault("kill -9 nats-server", pid=server.pid)
-                os.kill(server.pid, signal.SIGKILL)
-                await anyio.sleep(0.5)
                 if tag == "one":
-                    # What the disk holds at the last sync.
-                    shutil.copytree(store / "jetstream", synced)
-                else:
-                    # The machine loses power: the store goes back to that sync.
-                    shutil.rmtree(store / "jetstream")
-                    shutil.copytree(synced, store / "jetstream")
-                    w.dep.fault("nats store rolled back to its last sync")
-                server = await servers.enter_async_context(
-                    open_embedded_nats(store, port=port))
-                w.dep.fault("nats-server restarted", pid=server.pid)
-                if tag == "two":
+                    await nats.restart(w, sync=True)
+                elif tag == "two":
+                    await nats.restart(w, lose_since_sync=True)
                     # The relay notices the ledger stream's loss on its own, before anything
                     # new is recorded, and publishes the lost copies again.
                     position = ledger_state(w.dep.ledger)[1]
@@ -378,13 +398,11 @@ async def test_outputs_acked_but_not_recorded_when_nats_loses_power_are_sent_aga
     its delivery once they are recorded, long before the attempts' 30 s deadline. A
     `ledgermesh submit` of the same moment is lost too, and published again by the
     command, which waits for the ledger's verdict."""
-    store = tmp_path / "nats"
-    synced = tmp_path / "nats-as-synced"
-    port = free_port()
     specs = [TaskSpec(f"slow-{i:03d}", "worker", {"says": 1, "sleep": 3}) for i in range(10)]
     ids = [s.task_id for s in specs]
     async with AsyncExitStack() as servers:
-        server = await servers.enter_async_context(open_embedded_nats(store, port=port))
+        nats = NatsMachine(tmp_path, servers)
+        server = await nats.start()
         async with open_world(scenario, server.url, prefix, tmp_path / "world",
                               policy=policy_text(deadline_s=30.0)) as w:
             await start(w, "worker", "finisher")
@@ -396,12 +414,7 @@ async def test_outputs_acked_but_not_recorded_when_nats_loses_power_are_sent_aga
                 return all(Kind.SAID in [e["kind"] for e in of_task(events, t)] for t in ids)
 
             await until(all_said, within=20)
-            w.dep.fault("kill -9 nats-server", pid=server.pid)
-            os.kill(server.pid, signal.SIGKILL)
-            await anyio.sleep(0.5)
-            shutil.copytree(store / "jetstream", synced)  # what the disk holds at the sync
-            server = await servers.enter_async_context(open_embedded_nats(store, port=port))
-            w.dep.fault("nats-server restarted", pid=server.pid)
+            await nats.restart(w, sync=True)
             w.dep.pause(coordinator)
 
             def all_ended() -> bool:  # each handler published its completion (acked)
@@ -412,14 +425,7 @@ async def test_outputs_acked_but_not_recorded_when_nats_loses_power_are_sent_aga
             # A user submits a task meanwhile: stored by the stream, recorded by nobody yet.
             submit = w.dep.submit_cli("by-hand", "worker")
             await anyio.sleep(1.0)
-            w.dep.fault("kill -9 nats-server", pid=server.pid)
-            os.kill(server.pid, signal.SIGKILL)
-            await anyio.sleep(0.5)
-            shutil.rmtree(store / "jetstream")
-            shutil.copytree(synced, store / "jetstream")
-            w.dep.fault("nats store rolled back to its last sync")
-            server = await servers.enter_async_context(open_embedded_nats(store, port=port))
-            w.dep.fault("nats-server restarted", pid=server.pid)
+            await nats.restart(w, lose_since_sync=True)
             w.dep.resume(coordinator)
             await all_terminal(w, ids, within=20)  # well inside the 30 s deadline
             # The command published it again for want of a verdict, and got one.

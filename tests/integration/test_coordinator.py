@@ -104,6 +104,16 @@ class Harness:
 
         await eventually(committed)
 
+    async def intake_acked(self, seq: int) -> Any:
+        """Wait until the coordinator's intake consumer has acked up to ``seq``; its info."""
+        with anyio.fail_after(TIMEOUT):
+            while True:
+                info = await self.js.consumer_info(
+                    self.subjects.intake_stream, self.subjects.coordinator_consumer)
+                if info.ack_floor.stream_seq == seq:
+                    return info
+                await anyio.sleep(POLL)
+
     async def relayed(self) -> int:
         """Wait until the ledger stream holds every ledger position; return that count."""
         with anyio.fail_after(TIMEOUT):
@@ -251,13 +261,7 @@ async def test_an_intake_consumer_with_per_message_acks_is_replaced_after_the_re
             assert info.config.opt_start_seq == recorded + 1
             late = await h.say("client", submit("env-9", "t9"))
             await h.recorded(late)
-            with anyio.fail_after(TIMEOUT):
-                while True:
-                    info = await h.js.consumer_info(h.subjects.intake_stream,
-                                                    h.subjects.coordinator_consumer)
-                    if info.ack_floor.stream_seq == late.seq:
-                        break
-                    await anyio.sleep(POLL)
+            info = await h.intake_acked(late.seq)
             assert info.delivered.consumer_seq == 1  # only the new message
             assert info.num_ack_pending == 0
         after = h.events()
@@ -303,14 +307,7 @@ async def test_redelivered_intake_after_restart_is_a_no_op(
             # Everything in the stream went through the new consumer, old messages included.
             assert info.delivered.stream_seq == late.seq
             assert info.delivered.consumer_seq == late.seq
-            with anyio.fail_after(TIMEOUT):
-                while True:
-                    info = await h.js.consumer_info(
-                        h.subjects.intake_stream, h.subjects.coordinator_consumer
-                    )
-                    if info.ack_floor.stream_seq == late.seq:
-                        break
-                    await anyio.sleep(POLL)
+            info = await h.intake_acked(late.seq)
             assert info.num_ack_pending == 0
             after = h.events()
             assert after[: len(before)] == before
@@ -348,13 +345,7 @@ async def test_a_coordinator_whose_intake_stream_was_lost_records_what_comes_nex
                 return bool(h.of("t9"))
 
             await eventually(t9_recorded)
-            with anyio.fail_after(TIMEOUT):
-                while True:
-                    info = await h.js.consumer_info(h.subjects.intake_stream,
-                                                    h.subjects.coordinator_consumer)
-                    if info.ack_floor.stream_seq == late.seq:
-                        break
-                    await anyio.sleep(POLL)
+            await h.intake_acked(late.seq)
             after = h.events()
             assert after[: len(before)] == before
             assert [(s["key"], s["kind"]) for _, s in after[len(before):]] == [

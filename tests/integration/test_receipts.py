@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -15,7 +15,7 @@ from nats.aio.client import Client as NatsClient
 
 from agents import Agent, Context
 from agents.runtime import AgentSettings, run_agent
-from bus.client import BusSettings, open_bus
+from bus.client import Bus, BusSettings, open_bus
 from bus.embedded import EmbeddedNats
 from bus.topology import agent_consumer
 from coordinator.ledger.events import Kind
@@ -37,6 +37,24 @@ async def running_coordinator(nats: EmbeddedNats, ledger: str,
         await tg.start(run_coordinator, CoordinatorSettings(nats.url, ledger, POLICY, subjects))
         yield
         tg.cancel_scope.cancel()
+
+
+def gated_triage() -> tuple[Agent, anyio.Event, anyio.Event]:
+    """A triage agent whose handler says it started, then completes once let go."""
+    agent = Agent("triage")
+    started, go = anyio.Event(), anyio.Event()
+
+    @agent.on(SubmitTask)
+    async def finish(ctx: Context, task: SubmitTask) -> None:
+        started.set()
+        await go.wait()
+        await ctx.complete("done")
+
+    return agent, started, go
+
+
+def client(nats: EmbeddedNats) -> AbstractAsyncContextManager[Bus]:
+    return open_bus(BusSettings(url=nats.url, name="test-client"))
 
 
 async def acked(nats: EmbeddedNats, subjects: Subjects) -> None:
@@ -91,26 +109,18 @@ async def test_an_output_the_intake_stream_lost_is_published_again_and_recorded(
     again, and the task completes long before its deadline would have retried it."""
     ledger = str(tmp_path / "ledger.db")
     subjects = Subjects(prefix)
-    agent = Agent("triage")
-    started, go = anyio.Event(), anyio.Event()
-
-    @agent.on(SubmitTask)
-    async def finish(ctx: Context, task: SubmitTask) -> None:
-        started.set()
-        await go.wait()
-        await ctx.complete("done")
-
+    agent, started, go = gated_triage()
     settings = AgentSettings(nats_server.url, subjects, receipt_wait_s=0.5)
     async with anyio.create_task_group() as agents:
         async with running_coordinator(nats_server, ledger, subjects):
             await agents.start(run_agent, agent, settings)
-            async with open_bus(BusSettings(url=nats_server.url, name="test-client")) as bus:
+            async with client(nats_server) as bus:
                 await say(bus, prefix,
                           envelope("client", "t1", SubmitTask(to="triage", title="x")))
             with anyio.fail_after(10):
                 await started.wait()
         # The coordinator is stopped: the output is stored by the stream, not recorded.
-        async with open_bus(BusSettings(url=nats_server.url, name="test-client")) as bus:
+        async with client(nats_server) as bus:
             before = await bus.last_seq(subjects.intake_stream)
             go.set()
             with anyio.fail_after(10):
@@ -144,15 +154,7 @@ async def test_past_the_deadline_an_agent_stops_publishing_again_and_leaves_it_u
                           "short deadline")
     ledger = str(tmp_path / "ledger.db")
     subjects = Subjects(prefix)
-    agent = Agent("triage")
-    started, go = anyio.Event(), anyio.Event()
-
-    @agent.on(SubmitTask)
-    async def finish(ctx: Context, task: SubmitTask) -> None:
-        started.set()
-        await go.wait()
-        await ctx.complete("done")
-
+    agent, started, go = gated_triage()
     caplog.set_level(logging.INFO, logger="ledgermesh.agent")
     settings = AgentSettings(nats_server.url, subjects, receipt_wait_s=0.2)
     async with anyio.create_task_group() as agents:
@@ -160,7 +162,7 @@ async def test_past_the_deadline_an_agent_stops_publishing_again_and_leaves_it_u
             await coordinator.start(run_coordinator,
                                     CoordinatorSettings(nats_server.url, ledger, policy, subjects))
             await agents.start(run_agent, agent, settings)
-            async with open_bus(BusSettings(url=nats_server.url, name="test-client")) as bus:
+            async with client(nats_server) as bus:
                 await say(bus, prefix,
                           envelope("client", "t1", SubmitTask(to="triage", title="x")))
             with anyio.fail_after(10):
