@@ -242,24 +242,36 @@ def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start:
     decode_record = msgspec.json.Decoder(LedgerRecord).decode
     decode_event: Callable[[bytes], Any] = msgspec.json.Decoder().decode
 
+    following = [True]  # False once we stop: closing the connection is no news
+
+    def connection(event: str) -> None:  # a restart of nats-server: say why it went quiet
+        if following[0] and event in ("disconnected", "reconnected"):
+            print(style.dim(f"{event} ({nats_url})"), file=sys.stderr, flush=True)
+
     async def main() -> None:
-        async with open_bus(settings) as bus:
-            send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=256)
-            async with anyio.create_task_group() as tg, receive:
-                await tg.start(bus.serve_observe, subjects.ledger_stream, subject, send, from_start)
-                if not as_json:
-                    print(style.dim(f"following {subject} (Ctrl-C to stop)"), file=sys.stderr)
-                seen = 0
-                async for message in receive:
-                    record = decode_record(message.data)
-                    event = decode_event(record.event)
-                    if as_json:
-                        print(json.dumps({"position": record.position, **event}), flush=True)
-                    else:
-                        style.out(_coloured(style, event["kind"], describe(record, event)))
-                    seen += 1
-                    if limit is not None and seen >= limit:
-                        tg.cancel_scope.cancel()
+        async with open_bus(settings, on_event=connection) as bus:
+            try:
+                await follow(bus)
+            finally:
+                following[0] = False
+
+    async def follow(bus: Bus) -> None:
+        send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=256)
+        async with anyio.create_task_group() as tg, receive:
+            await tg.start(bus.serve_observe, subjects.ledger_stream, subject, send, from_start)
+            if not as_json:
+                print(style.dim(f"following {subject} (Ctrl-C to stop)"), file=sys.stderr)
+            seen = 0
+            async for message in receive:
+                record = decode_record(message.data)
+                event = decode_event(record.event)
+                if as_json:
+                    print(json.dumps({"position": record.position, **event}), flush=True)
+                else:
+                    style.out(_coloured(style, event["kind"], describe(record, event)))
+                seen += 1
+                if limit is not None and seen >= limit:
+                    tg.cancel_scope.cancel()
 
     try:
         anyio.run(main)

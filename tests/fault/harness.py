@@ -172,6 +172,10 @@ class Deployment:
         return self._spawn(f"submit-{task_id}", ["submit", "--to", to, "--title", task_id,
                                                  "--task-id", task_id], {})
 
+    def tail_cli(self) -> Child:
+        """``ledgermesh tail --json --from-start`` as a user leaves it running."""
+        return self._spawn("tail", ["tail", "--json", "--from-start"], {})
+
     async def ready(self, bus: Bus, *children: Child) -> None:
         await wait_ready(bus, self.subjects, list(children), timeout=30.0)
 

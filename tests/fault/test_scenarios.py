@@ -23,6 +23,7 @@ import pytest
 
 from bus.embedded import EmbeddedNats, free_port, open_embedded_nats
 from coordinator.ledger.events import Kind
+from coordinator.ledger.store import open_ledger
 
 from .harness import (
     CRASH_EXIT,
@@ -435,3 +436,52 @@ async def test_outputs_acked_but_not_recorded_when_nats_loses_power_are_sent_aga
     assert summary.violations == []
     assert summary.counts["completed"] == 10
     assert summary.counts["timed_out"] == 0
+
+
+def tailed_positions(child_log: Path) -> list[int]:
+    """The ledger positions ``ledgermesh tail --json`` printed, in its order."""
+    lines = child_log.read_text().splitlines()
+    return [json.loads(line)["position"] for line in lines if line.startswith("{")]
+
+
+def ledger_positions(path: Path) -> list[int]:
+    ledger = open_ledger(str(path), create=False)
+    try:
+        return [n.id for n in ledger.read(0, 1_000_000)]
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize("loss", [False, True], ids=["restart", "power_loss"])
+async def test_tail_follows_the_ledger_across_a_nats_server_restart(
+        loss: bool, prefix: str, scenario: str, tmp_path: Path) -> None:
+    """A user's ``ledgermesh tail`` keeps following after nats-server is killed -9 and
+    restarted, its store intact or (``loss``) rolled back to a sync before the last 10
+    tasks: it prints every recorded event once, in ledger order. After the rollback the
+    relay stores the lost copies again, on the stream sequences they had, so the tail's
+    consumer, which resumes after the last sequence it printed, skips exactly those."""
+    async with AsyncExitStack() as servers:
+        nats = NatsMachine(tmp_path, servers)
+        server = await nats.start()
+        async with open_world(scenario, server.url, prefix, tmp_path / "world") as w:
+            await start(w, "worker", "finisher")
+            tail = w.dep.tail_cli()
+            for tag, seed in (("one", 31), ("two", 32), ("three", 33)):
+                specs = workload(tag, 10, seed=seed, flaky=0.0)
+                await w.client.submit_all(specs)
+                await all_terminal(w, [s.task_id for s in specs])
+                position = ledger_state(w.dep.ledger)[1]
+                await until(partial(relayed, w, position), within=15)
+                # Within seconds: the tail's consumer died with the server, and nats-py
+                # made it anew only ~18 s later at its default heartbeat.
+                await until(lambda p=position: p in tailed_positions(tail.log_file), within=10)
+                if tag == "one":
+                    await nats.restart(w, sync=True)
+                elif tag == "two":
+                    await nats.restart(w, lose_since_sync=loss)
+            assert w.dep.signal(tail, signal.SIGINT) == 130
+            assert tailed_positions(tail.log_file) == ledger_positions(w.dep.ledger)
+            assert tail.log_file.read_text().count("reconnected (nats://") == 2
+            summary = await w.verify(drain_within=60, redelivered=loss)
+    assert summary.violations == []
+    assert summary.counts["completed"] == 30
