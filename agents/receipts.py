@@ -106,6 +106,11 @@ class Receipts:
         except msgspec.DecodeError as exc:
             log.warning("ignoring an unreadable receipt on %s: %s", self._subject, exc)
             return
+        for refusal in receipt.refused:
+            if refusal.message in self._by_id:  # sent by this process, not another instance
+                log.warning("task %s: the coordinator refused message %s sent on %s (%s): %s",
+                            refusal.task_id, refusal.id, self._intake, refusal.code,
+                            refusal.reason)
         for msg_id in receipt.ids:
             message = self._by_id.pop(msg_id, None)
             if message is None or message.recorded:

@@ -16,7 +16,7 @@ from bus.client import MSG_ID, Bus, BusError, Inbound
 from bus.faults import NO_CRASH, CrashPoints
 from bus.topology import coordinator_consumer
 from coordinator.health import Health
-from coordinator.ledger.writer import IntakeMessage, LedgerWriter
+from coordinator.ledger.writer import IntakeMessage, LedgerWriter, Recorded
 from coordinator.ledger_writes import LedgerWrites
 from coordinator.receipts import ReceiptBook
 from coordinator.signals import Doorbell
@@ -53,10 +53,10 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
                 _take_waiting(receive, batch, batch_max)
             crash.reached("coordinator.after_receive", batch[0].data)
             messages = await _in_stream_order(bus, subjects, writer.position, batch)
-            await _record_until_stored(messages, writer, writes, health)
+            recorded = await _record_until_stored(messages, writer, writes, health)
             relay.ring()  # recorded: the relay may publish while the acks go out
             if receipts is not None:
-                receipts.add(messages, anyio.current_time())
+                receipts.add(messages, anyio.current_time(), recorded.refused)
             crash.reached("coordinator.after_commit", batch[0].data)
             # One ack for the batch (the consumer acks all up to it): it covers every
             # message up to the newest in the stream, and everything up to there is
@@ -104,7 +104,7 @@ async def _in_stream_order(bus: Bus, subjects: Subjects, position: int,
 
 
 async def _record_until_stored(messages: list[IntakeMessage], writer: LedgerWriter,
-                               writes: LedgerWrites, health: Health) -> None:
+                               writes: LedgerWrites, health: Health) -> Recorded:
     """Record the batch, retrying with backoff while the ledger cannot be written.
 
     Nothing is acked meanwhile, so the messages wait in the intake stream.
@@ -126,4 +126,4 @@ async def _record_until_stored(messages: list[IntakeMessage], writer: LedgerWrit
                         "new: the intake stream lost messages it had acknowledged (a "
                         "server crash before its sync?) and reused their sequences; "
                         "recorded by message id", recorded.reused, writer.position)
-        return
+        return recorded

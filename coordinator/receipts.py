@@ -10,14 +10,16 @@ one per commit (each costs nats-server and the agent a message).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
 from bus.client import Bus, BusError
+from coordinator.ledger.events import LedgerEvent
 from coordinator.ledger.writer import IntakeMessage
-from schemas import Receipt, Subjects
+from schemas import Receipt, Refusal, Subjects
 
 log = logging.getLogger("ledgermesh.coordinator.receipts")
 _receipt = msgspec.json.Encoder()
@@ -32,23 +34,36 @@ class ReceiptBook:
         self._agents = agents  # only agents wait for receipts (clients read the ledger)
         self._every_s = every_s
         self._ids: dict[str, list[str]] = {}
+        self._refused: dict[str, list[Refusal]] = {}
         self._since: float | None = None  # when the oldest id held was added
         self._added = anyio.Event()  # set while anything is held
 
-    def add(self, messages: list[IntakeMessage], now: float) -> None:
+    def add(self, messages: list[IntakeMessage], now: float,
+            refused: Sequence[tuple[str, LedgerEvent]] = ()) -> None:
+        """Note ``messages``, just recorded, and what of them the ledger recorded as
+        refused (each with the id of the message that carried it)."""
         for message in messages:
             principal = self._subjects.principal_of(message.subject)
             if principal in self._agents and message.msg_id is not None:
                 self._ids.setdefault(principal, []).append(message.msg_id)
+        for msg_id, event in refused:
+            if event.sender in self._agents:
+                data = event.data
+                self._refused.setdefault(event.sender, []).append(
+                    Refusal(message=msg_id, id=event.msg_id, task_id=data.get("task_id", ""),
+                            code=data["code"], reason=data["reason"]))
         if self._ids and self._since is None:
             self._since = now
             self._added.set()
 
     def take(self) -> list[tuple[str, bytes]]:
         """The receipts to send (subject, bytes); nothing is held after."""
-        out = [(self._subjects.receipt(agent), _receipt.encode(Receipt(ids=tuple(ids))))
+        out = [(self._subjects.receipt(agent),
+                _receipt.encode(Receipt(ids=tuple(ids),
+                                        refused=tuple(self._refused.get(agent, ())))))
                for agent, ids in self._ids.items()]
         self._ids.clear()
+        self._refused.clear()
         self._since = None
         self._added = anyio.Event()
         return out

@@ -175,14 +175,28 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     deadline: Timestamp | None = None
 
 
+class Refusal(msgspec.Struct, frozen=True, kw_only=True):
+    """One of an agent's messages that the coordinator refused, as it recorded it
+    (``message.rejected``): why the agent's handoff, result or say changed nothing."""
+
+    message: str  # the Nats-Msg-Id of the intake message that carried it (one in ``ids``)
+    id: str  # the envelope's id (for bytes that were no envelope: ``<message>/<place>``)
+    task_id: str  # "" when the bytes named none
+    code: str  # e.g. not_owner, stale_attempt, handoff_denied, unknown_agent, malformed
+    reason: str
+
+
 class Receipt(msgspec.Struct, frozen=True, kw_only=True):
     """What the coordinator sends on ``<prefix>.receipt.<agent>`` after a commit: the
     ``Nats-Msg-Id`` of each of the agent's intake messages it has now recorded (or
     refused, or found already recorded). An agent acks a delivery only once every message
     its handler sent is named in one: JetStream acknowledges before it syncs to disk, so
-    its PubAck alone does not survive a machine crash."""
+    its PubAck alone does not survive a machine crash. ``refused``: the envelopes of those
+    messages that were recorded as refused, so the agent can say so where its developer
+    looks (its log), not only in the ledger."""
 
     ids: tuple[str, ...]
+    refused: tuple[Refusal, ...] = ()
 
 
 class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import msgspec
@@ -72,6 +72,9 @@ class Recorded:
     # stream reused sequences it had acknowledged before (it lost them: a server crash
     # before its sync). A plain redelivery is decided by id and adds nothing.
     reused: int = 0
+    # The rejections recorded, each with the Nats-Msg-Id of the intake message that
+    # carried what was refused: its sender's receipt names them.
+    refused: list[tuple[str, LedgerEvent]] = field(default_factory=list)
 
 
 class LedgerWriter:
@@ -122,12 +125,16 @@ class LedgerWriter:
                 for drafts in self._decide(message, principal, now):
                     events += [self._seal(d, now) for d in drafts]
                 reused += again and len(events) > before
+                if message.msg_id is not None:
+                    refused.extend((message.msg_id, s.event) for s in events[before:]
+                                   if s.event.kind == Kind.REJECTED)
             return events + self.fallout(events, now)
 
+        refused: list[tuple[str, LedgerEvent]] = []
         events, positions = self._commit(decide_all, lambda: Tracking(INTAKE, top)
                                          if top > self.position else None)
         self.position = top
-        return Recorded(events, positions, reused)
+        return Recorded(events, positions, reused, refused)
 
     def tick(self) -> Recorded:
         """Record what the clock decides: timeouts of overdue assignments, due retries."""

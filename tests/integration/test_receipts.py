@@ -183,3 +183,38 @@ async def test_past_the_deadline_an_agent_stops_publishing_again_and_leaves_it_u
         await acked(nats_server, subjects)
         assert "dropping stale attempt 1 of task t1" in caplog.text
         agents.cancel_scope.cancel()
+
+
+async def test_a_refused_output_is_named_in_its_receipt_and_the_agent_logs_why(
+        nats_server: EmbeddedNats, prefix: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A handoff to an agent the policy does not know is recorded as refused; the
+    receipt that names the agent's message says so, and the agent logs it: the developer
+    sees why the task went nowhere where they look, not only in the ledger."""
+    ledger = str(tmp_path / "ledger.db")
+    subjects = Subjects(prefix)
+    agent = Agent("triage")
+
+    @agent.on(SubmitTask)
+    async def hand_off(ctx: Context, task: SubmitTask) -> None:
+        await ctx.handoff("nobody", reason="misspelt")
+
+    receipts: list[Receipt] = []
+    caplog.set_level(logging.WARNING, logger="ledgermesh.agent.receipts")
+    async with live.system(nats_server, prefix, ledger, POLICY, agent) as bus:
+        async def note(data: bytes) -> None:
+            receipts.append(msgspec.json.decode(data, type=Receipt))
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(bus.serve_notices, subjects.receipt("triage"), note)
+            await say(bus, prefix, envelope("client", "t1", SubmitTask(to="triage", title="x")))
+            events = await live.until(ledger, lambda e: Kind.REJECTED in kinds(of(e, "t1")))
+            await acked(nats_server, subjects)
+            tg.cancel_scope.cancel()
+    rejected = next(e for e in of(events, "t1") if e["kind"] == Kind.REJECTED)
+    refused = [r for receipt in receipts for r in receipt.refused]
+    assert [(r.task_id, r.id, r.code) for r in refused] == [
+        ("t1", rejected["msg_id"], "unknown_agent")]
+    assert refused[0].message in receipts[0].ids  # the turn's intake message
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("task t1" in w and "unknown_agent" in w for w in warnings), warnings

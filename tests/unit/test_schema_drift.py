@@ -117,6 +117,8 @@ def _struct_types(name: str) -> dict[str, msgspec.inspect.StructType]:
             pending.extend(f.type for f in t.fields)
         elif isinstance(t, msgspec.inspect.UnionType):
             pending.extend(t.types)
+        elif isinstance(t, msgspec.inspect.VarTupleType | msgspec.inspect.ListType):
+            pending.append(t.item_type)
     return found
 
 
