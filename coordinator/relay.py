@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import anyio
 import msgspec
@@ -21,7 +22,7 @@ from eventsourcing.persistence import Notification
 from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID, Bus, BusError
 from bus.faults import NO_CRASH, CrashPoints
 from coordinator.health import Health
-from coordinator.ledger.events import Kind
+from coordinator.ledger.events import Aggregate, Kind
 from coordinator.ledger.feed import CommitFeed
 from coordinator.ledger.store import Ledger
 from coordinator.signals import Doorbell
@@ -57,9 +58,10 @@ Message = tuple[str, bytes, dict[str, str]]  # subject, data, headers
 
 
 def outbox_items(notifications: Sequence[Notification], subjects: Subjects,
-                 last_position: int) -> tuple[list[Message], list[Message]]:
-    """What to publish for these notifications: the deliveries, then the ledger copies
-    (a chain: each expects the one before it as the stream's last).
+                 last_position: int, live: LiveDeliveries | None = None,
+                 ) -> tuple[list[Message], list[Message]]:
+    """What to publish for these notifications: the deliveries (those ``live`` keeps),
+    then the ledger copies (a chain: each expects the one before it as the stream's last).
 
     A delivery goes out before its ledger copy so that a crash between the two leaves the
     copy missing (and so republished, with the delivery deduplicated), never the delivery.
@@ -72,8 +74,10 @@ def outbox_items(notifications: Sequence[Notification], subjects: Subjects,
         if state.kind == Kind.ASSIGNED:
             assignment = _assignment.decode(state.data)
             delivery = bytes(assignment.delivery)
-            deliveries.append((subjects.deliver(assignment.agent), delivery,
-                               {MSG_ID: _delivery_id.decode(delivery).id}))
+            delivery_id = _delivery_id.decode(delivery).id
+            if live is None or live.keeps(n.id, delivery_id):
+                deliveries.append((subjects.deliver(assignment.agent), delivery,
+                                   {MSG_ID: delivery_id}))
         record = LedgerRecord(position=n.id, aggregate_id=str(n.originator_id),
                               version=n.originator_version, topic=n.topic,
                               event=msgspec.Raw(n.state))
@@ -86,6 +90,47 @@ def outbox_items(notifications: Sequence[Notification], subjects: Subjects,
     return deliveries, copies
 
 
+# What ends an attempt for good: after one of these, its delivery can only make its agent
+# run a handler whose outputs are refused (stale_attempt, task_closed).
+_ENDS_ATTEMPT = frozenset({Kind.COMPLETED, Kind.FAILED, Kind.DEAD_LETTERED, Kind.TIMED_OUT,
+                           Kind.ATTEMPT_FAILED})
+
+
+@dataclass(frozen=True)
+class LiveDeliveries:
+    """Of the deliveries recorded up to ``until``, those that still matter there: each
+    open task's last assignment, unless its attempt ended (timed out, failed)."""
+
+    ids: frozenset[str]
+    until: int
+
+    def keeps(self, position: int, delivery_id: str) -> bool:
+        return position > self.until or delivery_id in self.ids
+
+
+def live_deliveries(ledger: Ledger, after: int, page: int = 4096) -> LiveDeliveries:
+    """Read the log past ``after`` to its end: which of its deliveries still matter.
+
+    Asked when the relay must publish again from a ledger stream behind the log (a
+    server crash before its sync, or a relay that stopped early): the deliver stream lost
+    the same span, and relaying every delivery in it would make agents run again the
+    handlers of tasks that have moved on or closed since. Memory follows the open tasks."""
+    latest: dict[str, str] = {}  # task -> the delivery of its last assignment so far
+    until = after
+    while notifications := ledger.read(until, page):
+        for n in notifications:
+            state = _routing.decode(n.state)
+            if state.aggregate != Aggregate.TASK:
+                continue
+            if state.kind == Kind.ASSIGNED:
+                delivery = _assignment.decode(state.data).delivery
+                latest[state.key] = _delivery_id.decode(delivery).id
+            elif state.kind in _ENDS_ATTEMPT:
+                latest.pop(state.key, None)
+        until = notifications[-1].id
+    return LiveDeliveries(frozenset(latest.values()), until)
+
+
 async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
                       subjects: Subjects, doorbell: Doorbell, health: Health,
                       crash: CrashPoints = NO_CRASH, *, feed: CommitFeed | None = None,
@@ -93,6 +138,10 @@ async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
                       task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     position = subjects.ledger_position(await bus.last_msg_id(subjects.ledger_stream))
     health.relayed_position = position
+    # Behind the log (a stop before the relay caught up, or a server that lost its tail):
+    # relay again only the deliveries that still matter.
+    live: LiveDeliveries | None = await anyio.to_thread.run_sync(
+        live_deliveries, ledger, position, limiter=limiter)
     task_status.started()
     read_log = True  # at start, and whenever the feed cannot vouch for what follows
     reconnects = bus.reconnects
@@ -107,6 +156,8 @@ async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
                 log.warning("the ledger stream lost positions %d to %d (a server crash "
                             "before its sync?): relaying them again", tail + 1, position)
                 position, read_log = tail, True
+                live = await anyio.to_thread.run_sync(live_deliveries, ledger, position,
+                                                      limiter=limiter)
         notifications: Sequence[Notification] | None = (
             None if read_log or feed is None else feed.after(position, page))
         if notifications is None:
@@ -120,15 +171,21 @@ async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
             continue
         crash.reached("coordinator.before_relay", notifications[-1].state)
         try:
-            await _publish(bus, notifications, subjects, position)
+            await _publish(bus, notifications, subjects, position, live)
         except (BusError, TimeoutError) as exc:
             # Resynchronise from what the stream really holds, then go again.
             log.warning("relay publish failed after position %d: %s", position, exc)
             await anyio.sleep(0.5)
-            position = subjects.ledger_position(await _tail(bus, subjects))
+            tail = subjects.ledger_position(await _tail(bus, subjects))
+            if tail < position:  # the stream lost some of what it had
+                live = await anyio.to_thread.run_sync(live_deliveries, ledger, tail,
+                                                      limiter=limiter)
+            position = tail
             continue
         position = notifications[-1].id
         health.relayed_position = position
+        if live is not None and position >= live.until:
+            live = None  # caught up with the span it was read for
 
 
 async def relay_rest(bus: Bus, ledger: Ledger, subjects: Subjects, page: int = 512) -> int:
@@ -142,10 +199,10 @@ async def relay_rest(bus: Bus, ledger: Ledger, subjects: Subjects, page: int = 5
 
 
 async def _publish(bus: Bus, notifications: Sequence[Notification], subjects: Subjects,
-                   position: int) -> None:
+                   position: int, live: LiveDeliveries | None = None) -> None:
     """The deliveries and ledger copies of ``notifications``, which follow ``position``.
     Every delivery is acked; of the copies only the last (its ack vouches for all)."""
-    deliveries, copies = outbox_items(notifications, subjects, position)
+    deliveries, copies = outbox_items(notifications, subjects, position, live)
     await bus.publish_all(deliveries, chain=copies)
 
 
