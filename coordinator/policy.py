@@ -131,7 +131,8 @@ def load_policy(path: Path) -> Policy:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise PolicyError(f"no policy file at {path} (write one, see README 'Policy')") from None
+        raise PolicyError(f"no policy file at {path} (write one: README.md's "
+                          "'Write an agent' shows one)") from None
     except OSError as exc:
         raise PolicyError(f"cannot read {path}: {exc.strerror}") from exc
     return parse_policy(text, str(path))

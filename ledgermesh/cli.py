@@ -337,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.INFO if service else logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _search_current_directory()
     try:
         return run(args)
     except BrokenPipeError:
@@ -351,6 +352,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _search_current_directory() -> None:
+    """``ledgermesh agent run myapp.agents:writer`` finds ``myapp/`` in the current
+    directory, as ``python -m`` would: a console script's import path starts at its own
+    ``bin/``. Last, so that nothing there can shadow what ledgermesh itself imports."""
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.append(here)
 
 
 def _reader_gone() -> int:

@@ -207,8 +207,8 @@ def describe(record: LedgerRecord, event: dict[str, Any]) -> str:
         "tool.completed": lambda: ("ok" if data.get("outcome", {}).get("ok") else "error")
                                   + (f" labels {data.get('labels')}" if data.get("labels") else ""),
         "tool.approved": lambda: f"{data.get('tool')} approved: {data.get('reason')}",
-        "agent.suspended": lambda: f"SUSPENDED: {data.get('reason')}",
-        "agent.resumed": lambda: f"resumed: {data.get('reason')}",
+        "agent.suspended": lambda: "SUSPENDED" + _because(data),
+        "agent.resumed": lambda: "resumed" + _because(data),
         "principal.throttled": lambda: (f"{data.get('count')} envelopes dropped by the rate "
                                         "limit"),
         "message.rejected": lambda: f"REJECTED {data.get('code')}: {data.get('reason')}",
@@ -216,6 +216,11 @@ def describe(record: LedgerRecord, event: dict[str, Any]) -> str:
                                         f"{short(str(data.get('key')), 12)}"),
     }.get(kind, lambda: "")()
     return f"#{record.position:<6} {short(event['key'], 14):<15} {who:<12} {kind:<18} {detail}"
+
+
+def _because(data: dict[str, Any]) -> str:
+    reason = data.get("reason")
+    return f": {reason}" if reason else " (no reason given)"
 
 
 _RED = frozenset({"message.rejected", "tool.denied", "task.dead_lettered", "task.failed",
@@ -242,7 +247,7 @@ def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start:
     decode_record = msgspec.json.Decoder(LedgerRecord).decode
     decode_event: Callable[[bytes], Any] = msgspec.json.Decoder().decode
 
-    following = [True]  # False once we stop: closing the connection is no news
+    following = [False]  # while following: before it, or once stopping, no news
 
     def connection(event: str) -> None:  # a restart of nats-server: say why it went quiet
         if following[0] and event in ("disconnected", "reconnected"):
@@ -250,6 +255,7 @@ def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start:
 
     async def main() -> None:
         async with open_bus(settings, on_event=connection) as bus:
+            following[0] = True
             try:
                 await follow(bus)
             finally:

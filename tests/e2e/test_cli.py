@@ -311,3 +311,20 @@ def test_unknown_arguments_are_refused_except_by_bench() -> None:
     assert "--quick" in bench.stdout
     assert "--peers-python" in bench.stdout
     assert bench.stdout.startswith("usage: ledgermesh bench ")  # the name that was typed
+
+
+def test_the_console_script_imports_agents_from_the_current_directory(tmp_path: Path) -> None:
+    """`ledgermesh agent run myapp.agents:writer` run where `myapp/` is, as the README
+    says (a console script, unlike `python -m`, does not search the current directory)."""
+    script = Path(sys.executable).parent / "ledgermesh"
+    assert script.is_file(), "the package's console script is installed beside python"
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "agents.py").write_text(
+        "from agents import Agent\nwriter = Agent('writer')\n")
+    done = subprocess.run([str(script), "replay-agent", "myapp.agents:writer",
+                           "--ledger", "nowhere.db", "--task", "t-1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 2
+    assert "cannot import" not in done.stderr
+    assert "nowhere.db" in done.stderr  # got as far as the ledger: the agent was loaded

@@ -34,3 +34,13 @@ def test_refusals_are_red_and_retries_yellow_on_a_terminal_only() -> None:
     assert _coloured(tty, "message.said", "x") == "x"
     plain = Style(color=False, stream=io.StringIO())
     assert _coloured(plain, "message.rejected", "x") == "x"
+
+
+def test_a_suspension_without_a_reason_says_so() -> None:
+    def line(kind: str, data: dict[str, object]) -> str:
+        return describe(*record(3, {"kind": kind, "key": "writer", "sender": "operator",
+                                    "data": data}))
+
+    assert line("agent.suspended", {"reason": ""}).endswith("SUSPENDED (no reason given)")
+    assert line("agent.resumed", {}).endswith("resumed (no reason given)")
+    assert line("agent.suspended", {"reason": "leaking"}).endswith("SUSPENDED: leaking")
