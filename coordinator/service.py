@@ -23,6 +23,7 @@ from coordinator.intake import serve_intake
 from coordinator.ledger.checkpoints import Checkpointer, load_signer
 from coordinator.ledger.events import LedgerEvent
 from coordinator.ledger.feed import CommitFeed
+from coordinator.ledger.owner import sole_writer
 from coordinator.ledger.store import Ledger, is_postgres, open_ledger
 from coordinator.ledger.writer import LedgerWriter
 from coordinator.ledger_writes import LedgerWrites
@@ -61,6 +62,11 @@ class CoordinatorSettings:
 
 async def run_coordinator(settings: CoordinatorSettings, *,
                           task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    with sole_writer(settings.ledger):
+        await _run(settings, task_status)
+
+
+async def _run(settings: CoordinatorSettings, task_status: TaskStatus[None]) -> None:
     subjects = settings.subjects
     ledger = await anyio.to_thread.run_sync(
         lambda: open_ledger(settings.ledger, create=True))

@@ -135,3 +135,15 @@ async def test_status_counts_the_instances_of_each_agent(
         assert "agent researcher   up · 2 instances · handled" in human.stdout
     finally:
         await stop_all(researchers)
+
+
+async def test_a_second_coordinator_on_a_running_ledger_is_refused(
+        running: Path, nats_server: EmbeddedNats, prefix: str) -> None:
+    """A second ``coordinator run`` on the same ledger (a typo, a rolling update that
+    starts the new one first) stops at once and says who holds the ledger."""
+    holder = running.with_name("ledger.db.lock").read_text()
+    second = await cli(nats_server, prefix, "coordinator", "run", "--ledger", str(running),
+                       "--config", str(POLICY))
+    assert second.returncode == 2, second.stderr
+    assert f"is being written by {holder.strip()}" in second.stderr
+    assert "Traceback" not in second.stderr

@@ -37,6 +37,7 @@ from coordinator.ledger.events import (
     task_aggregate_id,
 )
 from coordinator.ledger.feed import CommitFeed
+from coordinator.ledger.owner import LedgerInUseError, sole_writer
 from coordinator.ledger.replay import replay, verify_history
 from coordinator.ledger.state import PrincipalState, TaskState, digest
 from coordinator.ledger.store import Ledger, LedgerError, aggregate_text, open_ledger
@@ -205,6 +206,15 @@ class LedgerContract:
         yield opened
         for ledger in opened:
             ledger.close()
+
+    def test_a_ledger_has_one_writer_at_a_time(self, location: str) -> None:
+        """A second coordinator on a ledger is refused, told who holds it; the lock goes
+        with its holder."""
+        refused = pytest.raises(LedgerInUseError, match=f"pid {os.getpid()} on ")
+        with sole_writer(location), refused, sole_writer(location):
+            pass
+        with sole_writer(location):  # released
+            pass
 
     @pytest.fixture
     def recorded(self, location: str, ledgers: list[Ledger]) -> list[Recorded]:
