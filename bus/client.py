@@ -810,7 +810,8 @@ async def open_bus(settings: BusSettings,
         note(f"error: {exc}")
 
     async def disconnected_cb() -> None:
-        note("disconnected")
+        if connected:  # (nats-py says so at its give-up on a first connect, too)
+            note("disconnected")
 
     async def reconnected_cb() -> None:
         _read_in_small_chunks(nc)
@@ -829,6 +830,7 @@ async def open_bus(settings: BusSettings,
         options["inbox_prefix"] = inbox_prefix
     # The server refusing who we are is final: don't retry it until the deadline.
     refused: list[str] = []
+    first_errors: set[str] = set()
     connected = False
     nc = Client()
 
@@ -840,6 +842,13 @@ async def open_bus(settings: BusSettings,
             await _abandon(nc)
             connecting.cancel()
             return
+        if not connected:
+            # Until the first connect, one note per distinct error: the deadline's own
+            # error says the rest, and ten "Connect call failed" lines would bury it.
+            if text in first_errors:
+                log.debug("%s: %s", settings.name, text)
+                return
+            first_errors.add(text)
         await error_cb(exc)
 
     try:

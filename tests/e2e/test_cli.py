@@ -328,3 +328,23 @@ def test_the_console_script_imports_agents_from_the_current_directory(tmp_path: 
     assert done.returncode == 2
     assert "cannot import" not in done.stderr
     assert "nowhere.db" in done.stderr  # got as far as the ledger: the agent was loaded
+
+
+@pytest.mark.parametrize("command", [
+    ["coordinator", "run", "--ledger", "ledger.db", "--config",
+     str(Path(__file__).parents[2] / "agents" / "examples" / "ledgermesh.toml")],
+    ["tail"],
+])
+def test_no_nats_server_is_one_clear_error(command: list[str], tmp_path: Path) -> None:
+    """Nothing listens at --nats: one line saying so after the connect deadline, not a
+    log line per retry (there were ten) or a 'disconnected' that never was connected."""
+    from bus.embedded import free_port
+
+    url = f"nats://127.0.0.1:{free_port()}"
+    done = subprocess.run([*CLI, *command, "--nats", url], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == f"error: cannot connect to NATS at {url}: no server answered within 5 s"
+    assert sum("Connect call failed" in line for line in lines) <= 1, done.stderr
+    assert not any("disconnected" in line or "Traceback" in line for line in lines)
