@@ -29,8 +29,11 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
                        subjects: Subjects, relay: Doorbell, health: Health,
                        batch_max: int = 256, crash: CrashPoints = NO_CRASH, *,
                        linger: float = 0.0005, receipts: ReceiptBook | None = None,
+                       idle_s: float = 1.0,
                        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-    """``receipts``: where what each commit recorded is noted, for the agents that sent it."""
+    """``receipts``: where what each commit recorded is noted, for the agents that sent it.
+    After ``idle_s`` without a delivery, the stream is asked whether it holds more than
+    was recorded (``_record_stranded``)."""
     send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=batch_max * 2)
     async with anyio.create_task_group() as tg, receive:
         await tg.start(bus.serve_pull, coordinator_consumer(subjects), send)
@@ -41,7 +44,12 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
             # on a writer thread, the writer starts on it while the relay publishes.
             _take_waiting(receive, batch, batch_max)
             if not batch:
-                batch.append(await receive.receive())
+                with anyio.move_on_after(idle_s):
+                    batch.append(await receive.receive())
+                if not batch:
+                    await _record_stranded(bus, writer, writes, subjects, relay, health,
+                                           receipts)
+                    continue
                 _take_waiting(receive, batch, batch_max)
             if len(batch) == 1 and linger > 0 and not is_batch(batch[0].data):
                 # A lone envelope often has company on the way (an agent that publishes
@@ -64,6 +72,32 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
             await max(batch, key=lambda m: m.stream_seq).ack()
 
 
+async def _record_stranded(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
+                           subjects: Subjects, relay: Doorbell, health: Health,
+                           receipts: ReceiptBook | None) -> None:
+    """Record what the intake stream holds past the recorded position while nothing is
+    delivered: messages delivered to a connection that died unnoticed (a silent network
+    partition) or to a coordinator that crashed come back only after the consumer's ack
+    wait (30 s). Read from the stream now, they are recorded at once; their redelivery
+    is then a no-op. (Nothing to ack: the redelivery's ack covers them.)"""
+    try:
+        last = await bus.last_seq(subjects.intake_stream)
+    except BusError:
+        return  # disconnected: the next idle turn asks again
+    if last <= writer.position:
+        return
+    log.warning("intake #%d to #%d are in the stream but were not delivered (to a "
+                "connection that died?): reading them from the stream",
+                writer.position + 1, last)
+    messages = await _in_stream_order(bus, subjects, writer.position, [], upto=last)
+    if not messages:
+        return
+    recorded = await _record_until_stored(messages, writer, writes, health)
+    relay.ring()
+    if receipts is not None:
+        receipts.add(messages, anyio.current_time(), recorded.refused)
+
+
 def _take_waiting(receive: MemoryObjectReceiveStream[Inbound], batch: list[Inbound],
                   batch_max: int) -> None:
     """Group commit: add whatever else is already waiting, up to ``batch_max``."""
@@ -75,9 +109,9 @@ def _take_waiting(receive: MemoryObjectReceiveStream[Inbound], batch: list[Inbou
 
 
 async def _in_stream_order(bus: Bus, subjects: Subjects, position: int,
-                           batch: list[Inbound]) -> list[IntakeMessage]:
+                           batch: list[Inbound], *, upto: int = 0) -> list[IntakeMessage]:
     """The batch in stream order, preceded by every message between the recorded position
-    and the batch that the consumer has not (re)delivered yet.
+    and the batch (or up to ``upto``) that the consumer has not (re)delivered yet.
 
     A message delivered to a coordinator that stopped before recording it comes back only
     after the ack wait, behind newer ones; recording those first would decide them before
@@ -87,7 +121,7 @@ async def _in_stream_order(bus: Bus, subjects: Subjects, position: int,
     """
     have = {m.stream_seq for m in batch}
     out = [IntakeMessage(m.stream_seq, m.subject, m.data, m.msg_id) for m in batch]
-    for seq in range(position + 1, max(have)):
+    for seq in range(position + 1, max(have, default=upto + 1)):
         if seq in have:
             continue
         while True:

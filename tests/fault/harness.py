@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,11 +37,13 @@ from typing import Any
 import anyio
 import msgspec
 import nats
+from anyio.abc import SocketStream, TaskStatus
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, api
 
 from bus import faults
 from bus.client import Bus, BusError, BusSettings, open_bus
+from bus.embedded import EmbeddedNats, free_port
 from bus.topology import coordinator_consumer
 from coordinator.ledger.events import Kind
 from coordinator.ledger.replay import replay
@@ -132,7 +134,8 @@ class Deployment:
         self.faults: list[str] = []
         self._serial: Counter[str] = Counter()
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Child:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], *,
+               nats_url: str | None = None) -> Child:
         self._serial[name] += 1
         self.logs.mkdir(parents=True, exist_ok=True)
         log_file = self.logs / f"{name}-{self._serial[name]}.log"
@@ -147,7 +150,7 @@ class Deployment:
         })
         with log_file.open("wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "ledgermesh", *args, "--nats", self.nats_url,
+                [sys.executable, "-m", "ledgermesh", *args, "--nats", nats_url or self.nats_url,
                  "--prefix", self.subjects.prefix],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=child_env,
                 cwd=self.root)
@@ -158,10 +161,12 @@ class Deployment:
                            env={k: v for k, v in env.items()})
         return child
 
-    def coordinator(self, crash_at: str | None = None) -> Child:
+    def coordinator(self, crash_at: str | None = None, *, nats_url: str | None = None) -> Child:
+        """``nats_url``: another way to the server (a proxy) for this process alone."""
         env = {CRASH_ENV: crash_at} if crash_at else {}
         return self._spawn("coordinator", ["coordinator", "run", "--ledger", str(self.ledger),
-                                           "--config", str(self.policy_file)], env)
+                                           "--config", str(self.policy_file)], env,
+                           nats_url=nats_url)
 
     def agent(self, name: str, crash_at: str | None = None) -> Child:
         env = {CRASH_ENV: crash_at} if crash_at else {}
@@ -242,6 +247,43 @@ class Deployment:
         for entry in stopped:
             self.history.write("exit", process="nemesis", **entry)
         return stopped
+
+
+class SilentPartition:
+    """A TCP proxy in front of nats-server. ``cut`` makes every connection through it so
+    far go silent both ways without closing: no FIN, no RST, as when a NAT entry is
+    dropped or a link fails somewhere between. Neither end is told; connections made
+    after the cut pass."""
+
+    def __init__(self, upstream: EmbeddedNats) -> None:
+        self._upstream = upstream
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self._cuts = 0  # a connection made before the last cut is silent
+
+    def cut(self) -> None:
+        self._cuts += 1
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+        async with listener:
+            task_status.started()
+            await listener.serve(self._forward)
+
+    async def _forward(self, client: SocketStream) -> None:
+        made = self._cuts
+        server = await anyio.connect_tcp(self._upstream.host, self._upstream.port)
+        async with client, server, anyio.create_task_group() as tg:
+            tg.start_soon(self._pipe, client, server, made)
+            tg.start_soon(self._pipe, server, client, made)
+
+    async def _pipe(self, source: SocketStream, sink: SocketStream, made: int) -> None:
+        with suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            while True:
+                chunk = await source.receive()
+                if self._cuts != made:
+                    await anyio.sleep_forever()  # hold both sockets open, pass nothing
+                await sink.send(chunk)
 
 
 # -- workload ---------------------------------------------------------------------------

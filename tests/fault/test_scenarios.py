@@ -29,6 +29,7 @@ from .harness import (
     CRASH_EXIT,
     DEDUP_WINDOW,
     TERMINAL,
+    SilentPartition,
     TaskSpec,
     World,
     decode_raw,
@@ -489,3 +490,31 @@ async def test_tail_follows_the_ledger_across_a_nats_server_restart(
     assert summary.violations == []
     assert summary.counts["completed"] == 30
     assert summary.counts["handler_runs"] == summary.counts["assignments"]
+
+
+async def test_a_silent_partition_between_the_coordinator_and_nats(
+        nats_server: EmbeddedNats, prefix: str, scenario: str, tmp_path: Path) -> None:
+    """The coordinator's connection goes silent mid-run, no FIN, no RST (a dropped NAT
+    entry): nothing tells it. Its pings go unanswered, so it gives the connection up
+    within 12 s and reconnects, and the messages the server had delivered into the dead
+    connection are read from the stream, not left to the consumer's 30 s ack wait: the
+    tasks submitted meanwhile complete, nothing lost or doubled. (With nats-py's default
+    pings, one every 2 minutes, it stayed deaf for 4 to 6 minutes.)"""
+    partition = SilentPartition(nats_server)
+    async with anyio.create_task_group() as tg:
+        await tg.start(partition.serve)
+        async with open_world(scenario, nats_server.url, prefix, tmp_path / "world") as w:
+            coordinator = w.dep.coordinator(nats_url=partition.url)
+            await w.dep.ready(w.bus, coordinator, w.dep.agent("worker"), w.dep.agent("finisher"))
+            before = workload("before", 10, seed=41, flaky=0.0)
+            await w.client.submit_all(before)
+            await all_terminal(w, [s.task_id for s in before])
+            partition.cut()
+            w.dep.fault("the coordinator's connection to nats-server goes silent")
+            after = workload("after", 10, seed=42, flaky=0.0)
+            await w.client.submit_all(after)
+            await all_terminal(w, [s.task_id for s in after], within=25)
+            summary = await w.verify(drain_within=60)
+        tg.cancel_scope.cancel()
+    assert summary.violations == []
+    assert summary.counts["completed"] == 20
