@@ -23,7 +23,7 @@ from coordinator.intake import serve_intake
 from coordinator.ledger.checkpoints import Checkpointer, load_signer
 from coordinator.ledger.events import LedgerEvent
 from coordinator.ledger.feed import CommitFeed
-from coordinator.ledger.owner import sole_writer
+from coordinator.ledger.owner import WriterLock, sole_writer
 from coordinator.ledger.store import Ledger, is_postgres, open_ledger
 from coordinator.ledger.writer import LedgerWriter
 from coordinator.ledger_writes import LedgerWrites
@@ -37,6 +37,7 @@ from schemas import Subjects
 
 log = logging.getLogger("ledgermesh.coordinator")
 STOP_GRACE_S = 5.0  # at a stop, for the last checkpoint and relay pass
+LOCK_CHECK_S = 5.0  # how often the ledger's writer lock is checked (owner.py)
 
 
 def utc_now() -> datetime:
@@ -62,11 +63,20 @@ class CoordinatorSettings:
 
 async def run_coordinator(settings: CoordinatorSettings, *,
                           task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-    with sole_writer(settings.ledger):
-        await _run(settings, task_status)
+    with sole_writer(settings.ledger) as lock:
+        await _run(settings, lock, task_status)
 
 
-async def _run(settings: CoordinatorSettings, task_status: TaskStatus[None]) -> None:
+async def _keep_the_lock(lock: WriterLock, every_s: float = LOCK_CHECK_S) -> None:
+    """The ledger's lock can be lost under a running coordinator (PostgreSQL restarted):
+    take it again, or stop (LedgerInUseError) if another coordinator has it now."""
+    while True:
+        await anyio.sleep(every_s)
+        await anyio.to_thread.run_sync(lock.check)
+
+
+async def _run(settings: CoordinatorSettings, lock: WriterLock,
+               task_status: TaskStatus[None]) -> None:
     subjects = settings.subjects
     ledger = await anyio.to_thread.run_sync(
         lambda: open_ledger(settings.ledger, create=True))
@@ -128,6 +138,7 @@ async def _run(settings: CoordinatorSettings, task_status: TaskStatus[None]) -> 
                                            health, settings.batch_max, settings.crash,
                                            receipts=receipts))
                     await tg.start(serve_timer, writer, writes, doorbell, health)
+                    tg.start_soon(_keep_the_lock, lock)
                     await tg.start(partial(serve_checkpoints, writer, ledger, writes, doorbell,
                                            health, checkpointer,
                                            every_events=settings.checkpoint_every,

@@ -8,21 +8,25 @@ first one's whereabouts. The lock goes with its process, even at a kill -9:
 
 - SQLite: ``flock`` on ``<ledger>.lock`` beside the file (which names the holder);
 - PostgreSQL: a session advisory lock, keyed by the ledger's schema, on a connection of
-  its own (``application_name`` names the holder).
+  its own (``application_name`` names the holder), checked every few seconds: a session
+  that ended (a restart of PostgreSQL) takes its lock with it, so it is taken again.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from coordinator.ledger.store import LedgerError, is_postgres, ledger_env
+
+log = logging.getLogger("ledgermesh.coordinator.ledger")
 
 
 class LedgerInUseError(LedgerError):
@@ -33,13 +37,26 @@ def holder_name() -> str:
     return f"ledgermesh coordinator pid {os.getpid()} on {socket.gethostname()}"
 
 
+class WriterLock(Protocol):
+    def check(self) -> None:
+        """LedgerInUseError if the lock was lost and another process holds it now."""
+
+
+class _FileLock:
+    def check(self) -> None:  # a flock is the kernel's, and goes only with the process
+        return None
+
+
 @contextmanager
-def sole_writer(location: str) -> Iterator[None]:
+def sole_writer(location: str) -> Iterator[WriterLock]:
     """Hold the ledger's writer lock while the body runs; LedgerInUseError if another
     process holds it."""
-    lock = _postgres_lock if is_postgres(location) else _file_lock
-    with lock(location):
-        yield
+    if is_postgres(location):
+        with _postgres_lock(location) as lock:
+            yield lock
+    else:
+        with _file_lock(location):
+            yield _FileLock()
 
 
 @contextmanager
@@ -69,31 +86,71 @@ def advisory_key(schema: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-@contextmanager
-def _postgres_lock(location: str) -> Iterator[None]:
-    import psycopg  # only with a PostgreSQL ledger
+class _PostgresLock:
+    """A session advisory lock on a connection of its own. The session can end under it
+    (PostgreSQL restarted, the backend terminated), and the lock with it: ``check`` then
+    takes it again on a new connection, unless another coordinator was quicker."""
 
-    env = ledger_env(location)
-    schema = env.get("POSTGRES_SCHEMA", "public")
-    key = advisory_key(schema)
-    try:
-        conn = psycopg.connect(host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"],
-                               dbname=env["POSTGRES_DBNAME"], user=env["POSTGRES_USER"],
-                               password=env["POSTGRES_PASSWORD"] or None,
-                               application_name=holder_name(), autocommit=True,
-                               connect_timeout=10)
-    except psycopg.Error as exc:
-        raise LedgerError(f"cannot reach the PostgreSQL ledger to lock it: {exc}") from exc
-    try:
-        row: Any = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+    def __init__(self, location: str) -> None:
+        env = ledger_env(location)
+        self._env = env
+        self._schema = env.get("POSTGRES_SCHEMA", "public")
+        self._key = advisory_key(self._schema)
+        self._conn: Any = None
+
+    def acquire(self) -> None:
+        import psycopg  # only with a PostgreSQL ledger
+
+        env = self._env
+        try:
+            conn = psycopg.connect(host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"],
+                                   dbname=env["POSTGRES_DBNAME"], user=env["POSTGRES_USER"],
+                                   password=env["POSTGRES_PASSWORD"] or None,
+                                   application_name=holder_name(), autocommit=True,
+                                   connect_timeout=10)
+        except psycopg.Error as exc:
+            raise LedgerError(f"cannot reach the PostgreSQL ledger to lock it: {exc}") from exc
+        row: Any = conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()
         if not row[0]:
+            holder = _postgres_holder(conn, self._key)
+            conn.close()
             raise LedgerInUseError(
-                f"the ledger in schema {schema!r} of database {env['POSTGRES_DBNAME']!r} is "
-                f"being written by {_postgres_holder(conn, key)}: a ledger has exactly one "
-                "coordinator; stop that one first")
-        yield
+                f"the ledger in schema {self._schema!r} of database {env['POSTGRES_DBNAME']!r} "
+                f"is being written by {holder}: a ledger has exactly one coordinator; stop "
+                "that one first")
+        self._conn = conn
+
+    def check(self) -> None:
+        import psycopg
+
+        try:
+            self._conn.execute("SELECT 1")
+            return
+        except psycopg.Error:
+            self.release()
+        log.warning("the connection holding the ledger's lock was lost: taking it again")
+        try:
+            self.acquire()
+        except LedgerInUseError:
+            raise
+        except LedgerError as exc:  # unreachable: so is the ledger; try again next time
+            log.warning("%s", exc)
+
+    def release(self) -> None:
+        if self._conn is not None:
+            with suppress(Exception):
+                self._conn.close()  # ends the session, and its lock
+            self._conn = None
+
+
+@contextmanager
+def _postgres_lock(location: str) -> Iterator[_PostgresLock]:
+    lock = _PostgresLock(location)
+    lock.acquire()
+    try:
+        yield lock
     finally:
-        conn.close()  # ends the session, and its lock
+        lock.release()
 
 
 def _postgres_holder(conn: Any, key: int) -> str:

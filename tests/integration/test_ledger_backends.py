@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
@@ -37,7 +38,7 @@ from coordinator.ledger.events import (
     task_aggregate_id,
 )
 from coordinator.ledger.feed import CommitFeed
-from coordinator.ledger.owner import LedgerInUseError, sole_writer
+from coordinator.ledger.owner import LedgerInUseError, advisory_key, sole_writer
 from coordinator.ledger.replay import replay, verify_history
 from coordinator.ledger.state import PrincipalState, TaskState, digest
 from coordinator.ledger.store import Ledger, LedgerError, aggregate_text, open_ledger
@@ -825,6 +826,38 @@ class TestPostgresLedger(LedgerContract):
 
     def _admin(self) -> psycopg.Connection[tuple[Any, ...]]:
         return psycopg.connect(POSTGRES_DSN.split("?", 1)[0], autocommit=True)
+
+    def _lock_holders(self, location: str) -> list[int]:
+        """The sessions holding this ledger's writer lock."""
+        unsigned = advisory_key(self._schema_of(location)) & 0xFFFF_FFFF_FFFF_FFFF
+        with self._admin() as db:
+            rows = db.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND "
+                              "granted AND classid = %s AND objid = %s AND objsubid = 1",
+                              (unsigned >> 32, unsigned & 0xFFFF_FFFF)).fetchall()
+        return [row[0] for row in rows]
+
+    def test_a_lock_whose_session_ended_is_taken_again_unless_another_has_it(
+            self, location: str) -> None:
+        """PostgreSQL ends the lock's session (a restart; here pg_terminate_backend), and
+        the lock goes with it: the coordinator's next check takes it again, or, if another
+        coordinator was quicker, says so (the coordinator then stops)."""
+        with sole_writer(location) as lock:
+            [first] = self._lock_holders(location)
+            self._end_session(location, first)
+            lock.check()
+            [second] = self._lock_holders(location)
+            assert second != first
+            self._end_session(location, second)
+            with sole_writer(location), pytest.raises(LedgerInUseError):
+                lock.check()
+
+    def _end_session(self, location: str, pid: int) -> None:
+        with self._admin() as db:
+            db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        deadline = time.monotonic() + 10
+        while self._lock_holders(location):  # the backend exits, then its lock is free
+            assert time.monotonic() < deadline, "the terminated session kept its lock"
+            time.sleep(0.02)
 
     def _fresh_schema(self) -> Generator[str, None, None]:
         schema = "lmtest_" + uuid.uuid4().hex[:12]
