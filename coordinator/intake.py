@@ -38,6 +38,7 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
     async with anyio.create_task_group() as tg, receive:
         await tg.start(bus.serve_pull, coordinator_consumer(subjects), send)
         task_status.started()
+        seen = 0  # the intake stream's last sequence at the previous idle turn
         while True:
             batch: list[Inbound] = []
             # What waited during the last commit is taken without a turn of the event loop:
@@ -47,8 +48,8 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
                 with anyio.move_on_after(idle_s):
                     batch.append(await receive.receive())
                 if not batch:
-                    await _record_stranded(bus, writer, writes, subjects, relay, health,
-                                           receipts)
+                    seen = await _record_stranded(bus, writer, writes, subjects, relay, health,
+                                                  receipts, seen)
                     continue
                 _take_waiting(receive, batch, batch_max)
             if len(batch) == 1 and linger > 0 and not is_batch(batch[0].data):
@@ -74,28 +75,31 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
 
 async def _record_stranded(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
                            subjects: Subjects, relay: Doorbell, health: Health,
-                           receipts: ReceiptBook | None) -> None:
-    """Record what the intake stream holds past the recorded position while nothing is
-    delivered: messages delivered to a connection that died unnoticed (a silent network
-    partition) or to a coordinator that crashed come back only after the consumer's ack
-    wait (30 s). Read from the stream now, they are recorded at once; their redelivery
-    is then a no-op. (Nothing to ack: the redelivery's ack covers them.)"""
+                           receipts: ReceiptBook | None, seen: int) -> int:
+    """Record what the intake stream held past the recorded position at the previous
+    idle turn (``seen``) as well as now, none of it delivered since: messages delivered
+    to a connection that died unnoticed (a silent network partition) or to a coordinator
+    that crashed come back only after the consumer's ack wait (30 s). Read from the
+    stream, they are recorded at once, and their redelivery is a no-op. (Nothing to ack:
+    the redelivery's ack covers them. A message stored a moment ago is left to its
+    delivery.) The stream's last sequence now, for the next turn."""
     try:
         last = await bus.last_seq(subjects.intake_stream)
     except BusError:
-        return  # disconnected: the next idle turn asks again
-    if last <= writer.position:
-        return
-    log.warning("intake #%d to #%d are in the stream but were not delivered (to a "
-                "connection that died?): reading them from the stream",
-                writer.position + 1, last)
-    messages = await _in_stream_order(bus, subjects, writer.position, [], upto=last)
-    if not messages:
-        return
-    recorded = await _record_until_stored(messages, writer, writes, health)
-    relay.ring()
-    if receipts is not None:
-        receipts.add(messages, anyio.current_time(), recorded.refused)
+        return seen  # disconnected: the next idle turn asks again
+    upto = min(seen, last)
+    if upto <= writer.position:
+        return last
+    log.warning("intake #%d to #%d have waited in the stream for a delivery for over a "
+                "second (delivered to a connection that died?): reading them from the "
+                "stream", writer.position + 1, upto)
+    messages = await _in_stream_order(bus, subjects, writer.position, [], upto=upto)
+    if messages:
+        recorded = await _record_until_stored(messages, writer, writes, health)
+        relay.ring()
+        if receipts is not None:
+            receipts.add(messages, anyio.current_time(), recorded.refused)
+    return last
 
 
 def _take_waiting(receive: MemoryObjectReceiveStream[Inbound], batch: list[Inbound],
