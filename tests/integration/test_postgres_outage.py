@@ -1,0 +1,118 @@
+"""A running coordinator whose PostgreSQL sessions are all ended (as a restart or a
+failover ends them): it records on new connections, nothing is lost or recorded twice,
+and it takes its writer lock again.
+
+Runs when ``LEDGERMESH_TEST_POSTGRES`` names a DSN, in a schema of its own."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import anyio
+import psycopg
+import pytest
+
+from agents import Agent, Context
+from bus.embedded import EmbeddedNats
+from coordinator.ledger.owner import holder_name
+from coordinator.ledger.replay import replay
+from coordinator.ledger.store import open_ledger
+from coordinator.policy import parse_policy
+from schemas import SubmitTask
+from tests.live import envelope, say, system
+
+DSN = os.environ.get("LEDGERMESH_TEST_POSTGRES", "")
+POLICY = parse_policy('submitters = ["client"]\n[agents.triage]\ndeadline_s = 30\n',
+                      "postgres outage test policy")
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(not DSN, reason="set LEDGERMESH_TEST_POSTGRES=postgresql://postgres@"
+                                       "127.0.0.1:5432/test to run it"),
+]
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    name = "lmtest_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(DSN, autocommit=True) as db:
+        db.execute(f'CREATE SCHEMA "{name}"')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(DSN, autocommit=True) as db:
+            db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def completed(location: str) -> set[str]:
+    ledger = open_ledger(location, create=False)
+    try:
+        return {k for k, t in replay(ledger, helper=False).tasks.items()
+                if t.status == "completed"}
+    finally:
+        ledger.close()
+
+
+def end_the_coordinators_sessions(schema: str) -> int:
+    """pg_terminate_backend on every session that last spoke to this schema, and on the
+    one holding the writer lock (named after this process); how many."""
+    with psycopg.connect(DSN, autocommit=True) as db:
+        row = db.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid() AND (position(%s in query) > 0 "
+            "OR application_name = %s)", (schema, holder_name())).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def lock_sessions() -> int:
+    with psycopg.connect(DSN, autocommit=True) as db:
+        row = db.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                         (holder_name(),)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_the_coordinator_outlives_the_end_of_its_postgresql_sessions(
+        nats_server: EmbeddedNats, prefix: str, schema: str) -> None:
+    location = f"{DSN}{'&' if '?' in DSN else '?'}schema={schema}"
+    agent = Agent("triage")
+
+    @agent.on(SubmitTask)
+    async def finish(ctx: Context, task: SubmitTask) -> None:
+        await ctx.say("on it")
+        await ctx.complete("done")
+
+    async with system(nats_server, prefix, location, POLICY, agent) as bus:
+        async def submit(tag: str) -> set[str]:
+            ids = {f"{tag}-{i}" for i in range(10)}
+            for task_id in sorted(ids):
+                await say(bus, prefix, envelope("client", task_id,
+                                                SubmitTask(to="triage", title=tag)))
+            return ids
+
+        async def all_completed(ids: set[str]) -> None:
+            with anyio.fail_after(30):
+                while True:
+                    if ids <= await anyio.to_thread.run_sync(completed, location):
+                        return
+                    await anyio.sleep(0.2)
+
+        await all_completed(await submit("before"))
+        assert lock_sessions() == 1
+        assert end_the_coordinators_sessions(schema) >= 2  # the lock's and the ledger's
+        await all_completed(await submit("after"))
+        with anyio.fail_after(15):  # the lock is checked every 5 s
+            while True:
+                if lock_sessions() == 1:
+                    break
+                await anyio.sleep(0.2)
+    ledger = open_ledger(location, create=False)
+    try:
+        state = replay(ledger, helper=False)
+    finally:
+        ledger.close()
+    assert state.breaks == []
+    assert sorted(t.status for t in state.tasks.values()) == ["completed"] * 20
