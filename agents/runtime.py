@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -249,7 +250,21 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
             ctx = Context(agent.name, delivery, outbox, settings.clock)
             settings.crash.reached("agent.handler", message.data)
             try:
-                await handle(agent, ctx, counters)
+                with anyio.move_on_after(_time_left(delivery.deadline, settings)) as late:
+                    await handle(agent, ctx, counters)
+                if late.cancelled_caught:
+                    # Past its deadline the coordinator has timed the attempt out and will
+                    # refuse what it says: stop it, or a handler that never returns (a model
+                    # call without a timeout) holds this worker for good.
+                    counters.failed += 1
+                    counters.last_error = f"handler still running at the deadline of task " \
+                                          f"{delivery.task_id}: cancelled"
+                    log.warning("%s: task %s: the handler was still running at the "
+                                "attempt's deadline (%s): cancelled; the coordinator retries "
+                                "the attempt", agent.name, delivery.task_id, delivery.deadline)
+                    intake.receipts.forget(outbox.sent)
+                    await message.ack()
+                    continue
                 await ctx.settle()  # every output stored by intake
             except BusError as exc:
                 # Outputs not stored: leave the delivery unacked so it comes again (same
@@ -262,6 +277,17 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
             # Acked once recorded; the worker goes on meanwhile.
             await intake.receipts.ack_when_recorded(message.ack, outbox.sent,
                                                     delivery.deadline, delivery.task_id)
+
+
+HANDLER_GRACE_S = 1.0  # past the deadline, before a handler still running is cancelled
+
+
+def _time_left(deadline: datetime | None, settings: AgentSettings) -> float:
+    """Seconds a handler may still run: until its attempt's deadline, and a little more
+    (the coordinator's clock decides; this one may differ by a little)."""
+    if deadline is None:
+        return math.inf
+    return (deadline - settings.clock()).total_seconds() + HANDLER_GRACE_S
 
 
 async def handle(agent: Agent, ctx: Context, counters: _Counters | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
 from agents import Agent, Context
@@ -26,6 +27,9 @@ max_attempts = 2
 deadline_s = 5
 max_attempts = 3
 handoff_to = ["slow"]
+[agents.stuck]
+deadline_s = 2
+max_attempts = 2
 """)
 
 
@@ -148,3 +152,26 @@ async def test_a_restarted_coordinator_still_keeps_deadlines(
     assert kinds(events)[:3] == [Kind.SUBMITTED, Kind.ASSIGNED, Kind.TIMED_OUT]
 
 
+
+
+async def test_a_handler_that_never_returns_is_cancelled_at_its_deadline(
+        nats_server: EmbeddedNats, prefix: str, ledger: str) -> None:
+    """A handler stuck for good (a model call without a timeout) would hold its worker
+    for good: with one worker, the coordinator's retry could never run. The runtime
+    cancels it once its attempt's deadline has passed, so the retry runs."""
+    agent = Agent("stuck", concurrency=1)
+    attempts: list[int] = []
+
+    @agent.on(SubmitTask)
+    async def hang_the_first_time(ctx: Context, task: SubmitTask) -> None:
+        attempts.append(ctx.delivery.attempt)
+        if len(attempts) == 1:
+            await anyio.sleep_forever()
+        await ctx.complete("the second time")
+
+    async with system(nats_server, prefix, ledger, POLICY, agent) as bus:
+        await say(bus, prefix, envelope("client", "t-hang", SubmitTask(to="stuck", title="x")))
+        events = await until(ledger, "t-hang", closed)
+    assert kinds(events) == [Kind.SUBMITTED, Kind.ASSIGNED, Kind.TIMED_OUT, Kind.ASSIGNED,
+                             Kind.COMPLETED]
+    assert attempts == [1, 2]
