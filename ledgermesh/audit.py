@@ -88,10 +88,10 @@ def _path(history: list[LedgerEvent]) -> list[Hop]:
             via, note = "handoff", ""
         elif event.kind == Kind.HANDOFF_DECLINED:
             via, note = "declined", f"declined: {data['reason']}"
-        elif event.kind == Kind.TIMED_OUT:
-            via, note = "retry", "timed out"
+        elif event.kind == Kind.TIMED_OUT:  # (the note says why the hop after it was made)
+            via, note = "retry", "after a timeout"
         elif event.kind == Kind.ATTEMPT_FAILED:
-            via, note = "retry", f"failed: {data.get('reason', '')}".rstrip(": ")
+            via, note = "retry", f"after a failure: {data.get('reason', '')}".rstrip(": ")
         elif event.kind == Kind.ASSIGNED:
             hops.append(Hop(agent=data["agent"], via=via, note=note,
                             version=event.originator_version))
@@ -212,7 +212,7 @@ _VIA = {"submit": "→", "handoff": "→", "declined": "↩", "retry": "⟳"}
 
 
 def _render_path(audit: Audit, style: Style) -> str:
-    """``client → triage → researcher ⟳ researcher (timed out) → … ✓ completed``."""
+    """``client → triage → researcher ⟳ researcher (after a timeout) → … ✓ completed``."""
     parts = [audit.submitter]
     for hop in audit.path:
         note = f" ({hop.note})" if hop.note else ""

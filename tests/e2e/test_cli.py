@@ -102,7 +102,8 @@ def test_audit_tells_the_story_of_a_task(demo: tuple[dict[str, object], Path]) -
     human = run_cli("audit", warranty, "--ledger", str(ledger))
     assert "declined" in human.stdout
     assert "cite the policy section" in human.stdout
-    assert "path: client → triage → researcher ⟳ researcher (timed out) → writer" in human.stdout
+    assert ("path: client → triage → researcher ⟳ researcher (after a timeout) → writer"
+            in human.stdout)
     assert "↩ writer (declined: cite the policy section) → reviewer ✓ completed" in human.stdout
 
 
