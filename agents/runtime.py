@@ -257,8 +257,8 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
                     # refuse what it says: stop it, or a handler that never returns (a model
                     # call without a timeout) holds this worker for good.
                     counters.failed += 1
-                    counters.last_error = f"handler still running at the deadline of task " \
-                                          f"{delivery.task_id}: cancelled"
+                    counters.last_error = (f"task {delivery.task_id}: handler still running "
+                                           "at the deadline: cancelled")
                     log.warning("%s: task %s: the handler was still running at the "
                                 "attempt's deadline (%s): cancelled; the coordinator retries "
                                 "the attempt", agent.name, delivery.task_id, delivery.deadline)

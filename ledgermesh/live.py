@@ -247,19 +247,20 @@ def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start:
     decode_record = msgspec.json.Decoder(LedgerRecord).decode
     decode_event: Callable[[bytes], Any] = msgspec.json.Decoder().decode
 
-    following = [False]  # while following: before it, or once stopping, no news
+    following = False  # the connection's news matter only while following
 
     def connection(event: str) -> None:  # a restart of nats-server: say why it went quiet
-        if following[0] and event in ("disconnected", "reconnected"):
+        if following and event in ("disconnected", "reconnected"):
             print(style.dim(f"{event} ({nats_url})"), file=sys.stderr, flush=True)
 
     async def main() -> None:
+        nonlocal following
         async with open_bus(settings, on_event=connection) as bus:
-            following[0] = True
+            following = True
             try:
                 await follow(bus)
             finally:
-                following[0] = False
+                following = False
 
     async def follow(bus: Bus) -> None:
         send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=256)
