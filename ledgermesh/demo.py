@@ -21,6 +21,7 @@ import agents.examples
 from agents.client import submit_task
 from bus.client import Bus, BusSettings, Observed, open_bus
 from bus.embedded import EmbeddedNats, open_embedded_nats
+from coordinator.ledger.owner import LedgerInUseError, sole_writer
 from coordinator.ledger.replay import replay
 from coordinator.ledger.store import open_ledger
 from coordinator.policy import load_policy
@@ -145,6 +146,12 @@ def prepare(data_dir: Path) -> None:
         if not (data_dir / MARKER).exists():
             raise DemoError(f"{data_dir} exists and was not made by the demo; "
                             "pass --data-dir with a new or demo-made directory")
+        try:  # another demo's coordinator still writing there: not to be pulled from under it
+            with sole_writer(str(data_dir / "ledger.db")):
+                pass
+        except LedgerInUseError as exc:
+            raise DemoError(f"another demo is running in {data_dir} ({exc}); wait for it, or "
+                            "pass --data-dir with another directory") from None
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / MARKER).write_text("made by ledgermesh demo; deleted by the next demo run\n")

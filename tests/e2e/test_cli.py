@@ -349,3 +349,16 @@ def test_no_nats_server_is_one_clear_error(command: list[str], tmp_path: Path) -
     assert lines[-1] == f"error: cannot connect to NATS at {url}: no server answered within 5 s"
     assert sum("Connect call failed" in line for line in lines) <= 1, done.stderr
     assert not any("disconnected" in line or "Traceback" in line for line in lines)
+
+
+def test_demo_refuses_to_wipe_a_directory_another_demo_is_writing(tmp_path: Path) -> None:
+    """A second demo in the same directory would delete the first one's ledger under its
+    running coordinator: it says so instead."""
+    from coordinator.ledger.owner import sole_writer
+
+    (tmp_path / ".ledgermesh-demo").write_text("made by ledgermesh demo\n")
+    with sole_writer(str(tmp_path / "ledger.db")):  # the first demo's coordinator
+        done = run_cli("demo", "--data-dir", str(tmp_path), timeout=30)
+    assert done.returncode == 2
+    assert f"another demo is running in {tmp_path}" in done.stderr
+    assert (tmp_path / "ledger.db.lock").exists()
