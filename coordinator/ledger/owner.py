@@ -4,12 +4,15 @@ Two coordinators on one ledger (a second ``coordinator run`` by mistake, a rolli
 that starts the new one before the old one stops) would split the intake between them,
 each deciding on its own cached states: conflicting versions, two timers firing for one
 deadline, two relays racing for the ledger stream. So the second one is refused, with the
-first one's whereabouts. The lock goes with its process, even at a kill -9:
+first one's whereabouts.
 
-- SQLite: ``flock`` on ``<ledger>.lock`` beside the file (which names the holder);
+- SQLite: ``flock`` on ``<ledger>.lock`` beside the file (which names the holder); the
+  kernel drops it with its process, kill -9 included.
 - PostgreSQL: a session advisory lock, keyed by the ledger's schema, on a connection of
-  its own (``application_name`` names the holder), checked every few seconds: a session
-  that ended (a restart of PostgreSQL) takes its lock with it, so it is taken again.
+  its own (``application_name`` names the holder). The session ends with its process's
+  connection; a host that dies without closing it is noticed by TCP keepalives within
+  ~30 s. The coordinator checks the lock every few seconds: a session that ended under it
+  (a restart of PostgreSQL) is replaced and the lock taken again.
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ import hashlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
 
-from coordinator.ledger.store import LedgerError, is_postgres, ledger_env
+from coordinator.ledger.store import LedgerError, check_location, is_postgres, ledger_env
 
 log = logging.getLogger("ledgermesh.coordinator.ledger")
+
+# On the lock's session: the server gives up a client that went silent within ~30 s
+# (its default waits for the kernel's, ~2 h), and so does the client (below).
+_SERVER_KEEPALIVES = ("SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; "
+                      "SET tcp_keepalives_count = 3")
 
 
 class LedgerInUseError(LedgerError):
@@ -50,10 +59,15 @@ class _FileLock:
 @contextmanager
 def sole_writer(location: str) -> Iterator[WriterLock]:
     """Hold the ledger's writer lock while the body runs; LedgerInUseError if another
-    process holds it."""
+    process holds it, LedgerError if it cannot be taken at all."""
+    check_location(location)
     if is_postgres(location):
-        with _postgres_lock(location) as lock:
+        lock = _PostgresLock(location)
+        lock.acquire()
+        try:
             yield lock
+        finally:
+            lock.release()
     else:
         with _file_lock(location):
             yield _FileLock()
@@ -62,8 +76,11 @@ def sole_writer(location: str) -> Iterator[WriterLock]:
 @contextmanager
 def _file_lock(location: str) -> Iterator[None]:
     path = Path(f"{location}.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise LedgerError(f"cannot lock the ledger at {location}: {exc}") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -87,9 +104,8 @@ def advisory_key(schema: str) -> int:
 
 
 class _PostgresLock:
-    """A session advisory lock on a connection of its own. The session can end under it
-    (PostgreSQL restarted, the backend terminated), and the lock with it: ``check`` then
-    takes it again on a new connection, unless another coordinator was quicker."""
+    """A session advisory lock on a connection of its own; ``check`` takes it again on a
+    new connection if the session ended, unless another coordinator was quicker."""
 
     def __init__(self, location: str) -> None:
         env = ledger_env(location)
@@ -97,6 +113,7 @@ class _PostgresLock:
         self._schema = env.get("POSTGRES_SCHEMA", "public")
         self._key = advisory_key(self._schema)
         self._conn: Any = None
+        self._session = 0  # the server's pid of the session that took the lock last
 
     def acquire(self) -> None:
         import psycopg  # only with a PostgreSQL ledger
@@ -107,28 +124,55 @@ class _PostgresLock:
                                    dbname=env["POSTGRES_DBNAME"], user=env["POSTGRES_USER"],
                                    password=env["POSTGRES_PASSWORD"] or None,
                                    application_name=holder_name(), autocommit=True,
-                                   connect_timeout=10)
+                                   connect_timeout=10, keepalives=1, keepalives_idle=10,
+                                   keepalives_interval=5, keepalives_count=3)
         except psycopg.Error as exc:
             raise LedgerError(f"cannot reach the PostgreSQL ledger to lock it: {exc}") from exc
-        row: Any = conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()
-        if not row[0]:
-            holder = _postgres_holder(conn, self._key)
+        try:
+            conn.execute(_SERVER_KEEPALIVES)
+            holder = self._try_lock(conn)
+            if holder is not None and holder[0] == self._session:
+                # Our own session before, given up on our side only (the connection failed
+                # here, not there): end it, then take the lock on this one.
+                conn.execute("SELECT pg_terminate_backend(%s)", (holder[0],))
+                holder = self._try_lock(conn, wait_s=5.0)
+            row: Any = conn.execute("SELECT pg_backend_pid()").fetchone()
+        except psycopg.Error as exc:
             conn.close()
+            raise LedgerError(f"cannot lock the PostgreSQL ledger: {exc}") from exc
+        if holder is not None:
+            conn.close()
+            _, name, address = holder
+            who = f"{name} from {address}" if address else name
             raise LedgerInUseError(
-                f"the ledger in schema {self._schema!r} of database {env['POSTGRES_DBNAME']!r} "
-                f"is being written by {holder}: a ledger has exactly one coordinator; stop "
-                "that one first")
-        self._conn = conn
+                f"the ledger in schema {self._schema!r} of database "
+                f"{env['POSTGRES_DBNAME']!r} is being written by {who}: a ledger has "
+                "exactly one coordinator; stop that one first")
+        self._conn, self._session = conn, int(row[0])
+
+    def _try_lock(self, conn: Any, wait_s: float = 0.0) -> tuple[int, str, str] | None:
+        """None once this session holds the lock, else the session that does (pid, name,
+        address), after ``wait_s`` of trying."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            row: Any = conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()
+            if row[0]:
+                return None
+            holder = _postgres_holder(conn, self._key)
+            if holder is not None and time.monotonic() >= deadline:
+                return holder
+            time.sleep(0.1)  # (a holder that just went: try again)
 
     def check(self) -> None:
         import psycopg
 
-        try:
-            self._conn.execute("SELECT 1")
-            return
-        except psycopg.Error:
-            self.release()
-        log.warning("the connection holding the ledger's lock was lost: taking it again")
+        if self._conn is not None:
+            try:
+                self._conn.execute("SELECT 1")
+                return
+            except psycopg.Error:
+                self.release()
+            log.warning("the connection holding the ledger's lock was lost: taking it again")
         try:
             self.acquire()
         except LedgerInUseError:
@@ -143,24 +187,15 @@ class _PostgresLock:
             self._conn = None
 
 
-@contextmanager
-def _postgres_lock(location: str) -> Iterator[_PostgresLock]:
-    lock = _PostgresLock(location)
-    lock.acquire()
-    try:
-        yield lock
-    finally:
-        lock.release()
-
-
-def _postgres_holder(conn: Any, key: int) -> str:
+def _postgres_holder(conn: Any, key: int) -> tuple[int, str, str] | None:
+    """(pid, application name, client address) of the session holding the lock ``key``."""
     unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
     row = conn.execute(
-        "SELECT a.application_name, a.client_addr FROM pg_locks l "
+        "SELECT a.pid, a.application_name, a.client_addr FROM pg_locks l "
         "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
         "AND l.granted AND l.classid = %s AND l.objid = %s AND l.objsubid = 1",
         (unsigned >> 32, unsigned & 0xFFFF_FFFF)).fetchone()
     if row is None:
-        return "another process (gone since?)"
-    name, address = row
-    return f"{name or 'another process'}" + (f" from {address}" if address else "")
+        return None
+    pid, name, address = row
+    return pid, name or "another process", str(address or "")

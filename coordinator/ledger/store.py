@@ -184,13 +184,18 @@ def ledger_env(location: str, create: bool = True) -> dict[str, str]:
             "CREATE_TABLE": "y"}
 
 
-def open_ledger(location: str, *, create: bool) -> Ledger:
-    """Open the ledger at ``location``; with ``create=False`` it must already exist."""
-    postgres = is_postgres(location)
-    if not postgres and "://" in location:
+def check_location(location: str) -> None:
+    """LedgerError unless ``location`` is a SQLite file path or a postgresql:// URL."""
+    if not is_postgres(location) and "://" in location:
         # Not a path: taken as one, "sqlite:///x.db" would create a directory "sqlite:".
         raise LedgerError(f"unsupported ledger location {_redact(location)}: give a SQLite "
                           "file path (e.g. ledgermesh-data/ledger.db) or a postgresql:// URL")
+
+
+def open_ledger(location: str, *, create: bool) -> Ledger:
+    """Open the ledger at ``location``; with ``create=False`` it must already exist."""
+    check_location(location)
+    postgres = is_postgres(location)
     if not postgres:
         path = Path(location)
         if not create and not path.is_file():

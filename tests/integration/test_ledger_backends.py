@@ -14,6 +14,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Generator, Iterator
+from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,12 @@ from coordinator.ledger.events import (
     task_aggregate_id,
 )
 from coordinator.ledger.feed import CommitFeed
-from coordinator.ledger.owner import LedgerInUseError, advisory_key, sole_writer
+from coordinator.ledger.owner import (
+    LedgerInUseError,
+    _PostgresLock,
+    advisory_key,
+    sole_writer,
+)
 from coordinator.ledger.replay import replay, verify_history
 from coordinator.ledger.state import PrincipalState, TaskState, digest
 from coordinator.ledger.store import Ledger, LedgerError, aggregate_text, open_ledger
@@ -850,6 +856,23 @@ class TestPostgresLedger(LedgerContract):
             self._end_session(location, second)
             with sole_writer(location), pytest.raises(LedgerInUseError):
                 lock.check()
+
+    def test_a_session_given_up_on_our_side_only_is_ended_and_the_lock_taken_again(
+            self, location: str) -> None:
+        """The lock's connection failed on the coordinator's side while its session lives
+        on at the server, lock and all (until keepalives end it): the next check ends that
+        session, known to be its own, instead of calling itself another coordinator."""
+        with sole_writer(location) as lock:
+            [first] = self._lock_holders(location)
+            assert isinstance(lock, _PostgresLock)
+            stale, lock._conn = lock._conn, None  # the client forgets it; the server does not
+            try:
+                lock.check()
+                [second] = self._lock_holders(location)
+                assert second != first
+            finally:
+                with suppress(psycopg.Error):
+                    stale.close()
 
     def _end_session(self, location: str, pid: int) -> None:
         with self._admin() as db:

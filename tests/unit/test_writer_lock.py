@@ -1,0 +1,39 @@
+"""The ledger's writer lock (coordinator/ledger/owner.py) where no database is needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bus.embedded import free_port
+from coordinator.ledger.owner import _PostgresLock, sole_writer
+from coordinator.ledger.store import LedgerError
+
+
+def test_a_postgresql_lock_whose_server_is_unreachable_waits_instead_of_crashing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL down for longer than a check: every check says so and returns (the
+    coordinator's writes wait for it too); none raises."""
+    lock = _PostgresLock(f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    lock.check()
+    lock.check()
+    assert sum("cannot reach the PostgreSQL ledger" in r.getMessage()
+               for r in caplog.records) == 2
+
+
+def test_a_location_that_is_no_ledger_is_refused_before_anything_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LedgerError, match="unsupported ledger location"), \
+            sole_writer("sqlite:///ledger.db"):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ledger_directory_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a directory should be")
+    with pytest.raises(LedgerError, match="cannot lock the ledger"), \
+            sole_writer(str(blocked / "ledger.db")):
+        pass
