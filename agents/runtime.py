@@ -250,7 +250,7 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
             ctx = Context(agent.name, delivery, outbox, settings.clock)
             settings.crash.reached("agent.handler", message.data)
             try:
-                with anyio.move_on_after(_time_left(delivery.deadline, settings)) as late:
+                with anyio.move_on_after(_time_allowed(delivery.deadline, settings)) as late:
                     await handle(agent, ctx, counters)
                 if late.cancelled_caught:
                     # Past its deadline the coordinator has timed the attempt out and will
@@ -258,8 +258,8 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
                     # call without a timeout) holds this worker for good.
                     counters.failed += 1
                     counters.last_error = (f"task {delivery.task_id}: handler still running "
-                                           "at the deadline: cancelled")
-                    log.warning("%s: task %s: the handler was still running at the "
+                                           "past the deadline: cancelled")
+                    log.warning("%s: task %s: the handler was still running well past the "
                                 "attempt's deadline (%s): cancelled; the coordinator retries "
                                 "the attempt", agent.name, delivery.task_id, delivery.deadline)
                     intake.receipts.forget(outbox.sent)
@@ -279,15 +279,16 @@ async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],
                                                     delivery.deadline, delivery.task_id)
 
 
-HANDLER_GRACE_S = 1.0  # past the deadline, before a handler still running is cancelled
-
-
-def _time_left(deadline: datetime | None, settings: AgentSettings) -> float:
-    """Seconds a handler may still run: until its attempt's deadline, and a little more
-    (the coordinator's clock decides; this one may differ by a little)."""
+def _time_allowed(deadline: datetime | None, settings: AgentSettings) -> float:
+    """Seconds a handler may run before it is cancelled: half as long again as its attempt
+    had left when it started, and a second. Well past the coordinator's timeout, yet this
+    machine's clock may run ahead of the coordinator's by a third of that time without
+    cutting a handler short. A delivery that arrives past its deadline by this clock (late,
+    or the clocks disagree) runs without a limit, as before."""
     if deadline is None:
         return math.inf
-    return (deadline - settings.clock()).total_seconds() + HANDLER_GRACE_S
+    left = (deadline - settings.clock()).total_seconds()
+    return left * 1.5 + 1.0 if left > 0 else math.inf
 
 
 async def handle(agent: Agent, ctx: Context, counters: _Counters | None = None) -> None:
