@@ -125,7 +125,8 @@ class _PostgresLock:
                                    password=env["POSTGRES_PASSWORD"] or None,
                                    application_name=holder_name(), autocommit=True,
                                    connect_timeout=10, keepalives=1, keepalives_idle=10,
-                                   keepalives_interval=5, keepalives_count=3)
+                                   keepalives_interval=5, keepalives_count=3,
+                                   tcp_user_timeout=20_000)  # ms: a check cannot hang
         except psycopg.Error as exc:
             raise LedgerError(f"cannot reach the PostgreSQL ledger to lock it: {exc}") from exc
         try:
