@@ -168,9 +168,11 @@ class Deployment:
                                            "--config", str(self.policy_file)], env,
                            nats_url=nats_url)
 
-    def agent(self, name: str, crash_at: str | None = None) -> Child:
+    def agent(self, name: str, crash_at: str | None = None, *,
+              nats_url: str | None = None) -> Child:
         env = {CRASH_ENV: crash_at} if crash_at else {}
-        return self._spawn(name, ["agent", "run", f"{WORKLOAD}:{name}"], env)
+        return self._spawn(name, ["agent", "run", f"{WORKLOAD}:{name}"], env,
+                           nats_url=nats_url)
 
     def submit_cli(self, task_id: str, to: str) -> Child:
         """``ledgermesh submit`` as a user runs it: it waits for the ledger's verdict."""

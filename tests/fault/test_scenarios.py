@@ -30,6 +30,7 @@ from .harness import (
     DEDUP_WINDOW,
     TERMINAL,
     SilentPartition,
+    Summary,
     TaskSpec,
     World,
     decode_raw,
@@ -500,21 +501,44 @@ async def test_a_silent_partition_between_the_coordinator_and_nats(
     connection are read from the stream, not left to the consumer's 30 s ack wait: the
     tasks submitted meanwhile complete, nothing lost or doubled. (With nats-py's default
     pings, one every 2 minutes, it stayed deaf for 4 to 6 minutes.)"""
+    summary = await _silent_partition(nats_server, prefix, scenario, tmp_path, "coordinator")
+    assert summary.violations == []
+    assert summary.counts["completed"] == 20
+
+
+async def test_a_silent_partition_between_an_agent_and_nats(
+        nats_server: EmbeddedNats, prefix: str, scenario: str, tmp_path: Path) -> None:
+    """The same for an agent: its deliveries of those seconds went into the dead
+    connection; the coordinator times those attempts out and retries them, and the agent,
+    back within 12 s, takes the retries. Nothing lost, nothing done twice that counts."""
+    summary = await _silent_partition(nats_server, prefix, scenario, tmp_path, "worker")
+    assert summary.violations == []
+    assert summary.counts["completed"] == 20
+    assert summary.counts["dead_lettered"] == 0
+
+
+async def _silent_partition(nats_server: EmbeddedNats, prefix: str, scenario: str,
+                            tmp_path: Path, cut: str) -> Summary:
+    """10 tasks, then ``cut``'s connection goes silent, then 10 more; the checker's
+    summary once all have completed."""
     partition = SilentPartition(nats_server)
     async with anyio.create_task_group() as tg:
         await tg.start(partition.serve)
-        async with open_world(scenario, nats_server.url, prefix, tmp_path / "world") as w:
-            coordinator = w.dep.coordinator(nats_url=partition.url)
-            await w.dep.ready(w.bus, coordinator, w.dep.agent("worker"), w.dep.agent("finisher"))
+        # Attempts of 5 s: four of them outlast the agent's 8-12 s without a connection.
+        async with open_world(scenario, nats_server.url, prefix, tmp_path / "world",
+                              policy=policy_text(deadline_s=5.0)) as w:
+            via = {cut: partition.url}
+            await w.dep.ready(w.bus, w.dep.coordinator(nats_url=via.get("coordinator")),
+                              w.dep.agent("worker", nats_url=via.get("worker")),
+                              w.dep.agent("finisher"))
             before = workload("before", 10, seed=41, flaky=0.0)
             await w.client.submit_all(before)
             await all_terminal(w, [s.task_id for s in before])
             partition.cut()
-            w.dep.fault("the coordinator's connection to nats-server goes silent")
+            w.dep.fault(f"the {cut}'s connection to nats-server goes silent")
             after = workload("after", 10, seed=42, flaky=0.0)
             await w.client.submit_all(after)
             await all_terminal(w, [s.task_id for s in after], within=25)
             summary = await w.verify(drain_within=60)
         tg.cancel_scope.cancel()
-    assert summary.violations == []
-    assert summary.counts["completed"] == 20
+    return summary
