@@ -73,10 +73,28 @@ async def acked(nats: EmbeddedNats, subjects: Subjects) -> None:
         await nc.close()
 
 
+async def one_task(nats: EmbeddedNats, prefix: str, ledger: str, agent: Agent,
+                   until: str) -> tuple[live.Events, list[Receipt]]:
+    """Submit task t1 to ``agent`` (triage), wait until its events hold ``until`` and its
+    delivery is acked; its events, and every receipt triage got meanwhile."""
+    subjects = Subjects(prefix)
+    receipts: list[Receipt] = []
+    async with live.system(nats, prefix, ledger, POLICY, agent) as bus:
+        async def note(data: bytes) -> None:
+            receipts.append(msgspec.json.decode(data, type=Receipt))
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(bus.serve_notices, subjects.receipt("triage"), note)
+            await say(bus, prefix, envelope("client", "t1", SubmitTask(to="triage", title="x")))
+            events = await live.until(ledger, lambda e: until in kinds(of(e, "t1")))
+            await acked(nats, subjects)
+            tg.cancel_scope.cancel()
+    return events, receipts
+
+
 async def test_a_delivery_is_acked_after_the_receipt_for_its_outputs(
         nats_server: EmbeddedNats, prefix: str, tmp_path: Path) -> None:
     ledger = str(tmp_path / "ledger.db")
-    subjects = Subjects(prefix)
     agent = Agent("triage")
 
     @agent.on(SubmitTask)
@@ -84,17 +102,7 @@ async def test_a_delivery_is_acked_after_the_receipt_for_its_outputs(
         await ctx.say("working")
         await ctx.complete("done")
 
-    receipts: list[Receipt] = []
-    async with live.system(nats_server, prefix, ledger, POLICY, agent) as bus:
-        async def note(data: bytes) -> None:
-            receipts.append(msgspec.json.decode(data, type=Receipt))
-
-        async with anyio.create_task_group() as tg:
-            await tg.start(bus.serve_notices, subjects.receipt("triage"), note)
-            await say(bus, prefix, envelope("client", "t1", SubmitTask(to="triage", title="x")))
-            events = await live.until(ledger, lambda e: Kind.COMPLETED in kinds(of(e, "t1")))
-            await acked(nats_server, subjects)
-            tg.cancel_scope.cancel()
+    events, receipts = await one_task(nats_server, prefix, ledger, agent, Kind.COMPLETED)
     assert kinds(of(events, "t1")) == [
         Kind.SUBMITTED, Kind.ASSIGNED, Kind.SAID, Kind.COMPLETED]
     # One turn, one intake message, one receipt naming it (not the client's submission).
@@ -192,25 +200,14 @@ async def test_a_refused_output_is_named_in_its_receipt_and_the_agent_logs_why(
     receipt that names the agent's message says so, and the agent logs it: the developer
     sees why the task went nowhere where they look, not only in the ledger."""
     ledger = str(tmp_path / "ledger.db")
-    subjects = Subjects(prefix)
     agent = Agent("triage")
 
     @agent.on(SubmitTask)
     async def hand_off(ctx: Context, task: SubmitTask) -> None:
         await ctx.handoff("nobody", reason="misspelt")
 
-    receipts: list[Receipt] = []
     caplog.set_level(logging.WARNING, logger="ledgermesh.agent.receipts")
-    async with live.system(nats_server, prefix, ledger, POLICY, agent) as bus:
-        async def note(data: bytes) -> None:
-            receipts.append(msgspec.json.decode(data, type=Receipt))
-
-        async with anyio.create_task_group() as tg:
-            await tg.start(bus.serve_notices, subjects.receipt("triage"), note)
-            await say(bus, prefix, envelope("client", "t1", SubmitTask(to="triage", title="x")))
-            events = await live.until(ledger, lambda e: Kind.REJECTED in kinds(of(e, "t1")))
-            await acked(nats_server, subjects)
-            tg.cancel_scope.cancel()
+    events, receipts = await one_task(nats_server, prefix, ledger, agent, Kind.REJECTED)
     rejected = next(e for e in of(events, "t1") if e["kind"] == Kind.REJECTED)
     refused = [r for receipt in receipts for r in receipt.refused]
     assert [(r.task_id, r.id, r.code) for r in refused] == [
