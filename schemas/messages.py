@@ -180,7 +180,9 @@ class Refusal(msgspec.Struct, frozen=True, kw_only=True):
     (``message.rejected``): why the agent's handoff, result or say changed nothing."""
 
     message: str  # the Nats-Msg-Id of the intake message that carried it (one in ``ids``)
-    id: str  # the envelope's id (for bytes that were no envelope: ``<message>/<place>``)
+    # the envelope's id; for bytes that were no envelope, ``message`` (``<message>/<index>``
+    # in a batch)
+    id: str
     task_id: str  # "" when the bytes named none
     code: str  # e.g. not_owner, stale_attempt, handoff_denied, unknown_agent, malformed
     reason: str
