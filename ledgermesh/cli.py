@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--from-start", action="store_true", help="begin at the first event")
     tail.add_argument("--json", action="store_true", help="one JSON object per event")
     tail.add_argument("--limit", type=int, default=None, help="stop after N events")
+    tail.add_argument("--until-closed", action="store_true",
+                      help="with --task: print the task from its first event and stop when it "
+                           "closes; exit 0 if it completed, 1 if it failed")
 
     rep = commands.add_parser("replay", help="rebuild state from the ledger; digest; verify")
     rep.add_argument("--ledger", required=True, help="SQLite file or postgresql://… URL")
@@ -287,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
 
         return tail_command(args.nats, args.prefix, task_id=args.task,
                             from_start=args.from_start, as_json=args.json, limit=args.limit,
-                            nkey=args.nkey)
+                            nkey=args.nkey, until_closed=args.until_closed)
     if args.command == "auth":
         from ledgermesh.auth import auth_generate_command
 

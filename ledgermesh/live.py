@@ -86,7 +86,7 @@ def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_t
         data = event["data"]
         raise SubmitRejectedError(f"task {task} rejected ({data['code']}): {data['reason']}")
     print(f"submitted {task} to {to} (recorded)")
-    print(f"  watch it:  ledgermesh tail --nats {nats_url} --task {task} --from-start")
+    print(f"  watch it:  ledgermesh tail --nats {nats_url} --task {task} --until-closed")
     return 0
 
 
@@ -236,12 +236,20 @@ def _coloured(style: Style, kind: str, line: str) -> str:
     return style.yellow(line) if kind in _YELLOW else line
 
 
+_CLOSED = {"task.completed": 0, "task.failed": 1}  # a task's last word: the exit code
+
+
 def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start: bool,
-                 as_json: bool, limit: int | None = None, nkey: Path | None = None) -> int:
+                 as_json: bool, limit: int | None = None, nkey: Path | None = None,
+                 until_closed: bool = False) -> int:
     subjects = Subjects(prefix)
     settings = bus_settings(nats_url, f"{prefix}_tail", load_credentials(nkey, subjects))
     if task_id is not None and not is_token(task_id):
         raise UsageError(f"--task {task_id!r}: task ids are letters, digits, '-' or '_'")
+    if until_closed and task_id is None:
+        raise UsageError("--until-closed follows one task: give it with --task TASK_ID")
+    from_start = from_start or until_closed  # a task closed already says so at once
+    closed: list[int] = []
     subject = subjects.ledger_of_task(task_id) if task_id else subjects.ledger_all
     style = stdout_style()
     decode_record = msgspec.json.Decoder(LedgerRecord).decode
@@ -277,14 +285,16 @@ def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start:
                 else:
                     style.out(_coloured(style, event["kind"], describe(record, event)))
                 seen += 1
-                if limit is not None and seen >= limit:
+                if until_closed and event["kind"] in _CLOSED and event["key"] == task_id:
+                    closed.append(_CLOSED[event["kind"]])
+                if closed or (limit is not None and seen >= limit):
                     tg.cancel_scope.cancel()
 
     try:
         anyio.run(main)
     except KeyboardInterrupt:
         return 130
-    return 0
+    return closed[0] if closed else 0
 
 
 __all__ = ["Style", "UsageError", "parse_payload", "submit_command", "tail_command"]
