@@ -729,25 +729,32 @@ class Bus:
 
     async def count_instances(self, service: str, wait: float = 0.3) -> int:
         """How many instances of a NATS micro service answer ``$SRV.PING.<service>`` within
-        ``wait`` seconds (each instance answers a ping; a status request reaches one)."""
+        ``wait`` seconds (each instance answers a ping)."""
+        return len(await self._gather(f"$SRV.PING.{service}", wait))
+
+    async def service_statuses(self, service: str, wait: float = 0.3) -> list[bytes]:
+        """The replies of every instance's ``status`` endpoint within ``wait`` seconds."""
+        return await self._gather(f"{service}.status", wait)
+
+    async def _gather(self, subject: str, wait: float) -> list[bytes]:
+        """Every answer to one request on ``subject`` within ``wait`` seconds."""
         inbox = self._nc.new_inbox()
-        answers = 0
+        answers: list[bytes] = []
 
-        async def count(msg: Msg) -> None:
-            nonlocal answers
+        async def collect(msg: Msg) -> None:
             if not (msg.headers and msg.headers.get("Status") == "503"):  # "no responders"
-                answers += 1
+                answers.append(bytes(msg.data))
 
-        sub = await self._nc.subscribe(inbox, cb=count)
+        sub = await self._nc.subscribe(inbox, cb=collect)
         try:
             await self._nc.flush(timeout=int(max(1, wait * 10)))
             # nats-server 2.15.1 can drop what another connection sends to a subscription
             # a few ms old, even after its PONG (bench/RESULTS.md, caveats): let it settle.
             await anyio.sleep(0.05)
-            await self._nc.publish(f"$SRV.PING.{service}", b"", reply=inbox)
+            await self._nc.publish(subject, b"", reply=inbox)
             await anyio.sleep(wait)
         except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError) as exc:
-            raise BusError(f"cannot ping {service}: {exc}") from exc
+            raise BusError(f"cannot ask {subject}: {exc}") from exc
         finally:
             await sub.unsubscribe()
         return answers
@@ -774,8 +781,11 @@ class Bus:
         async def handle(request: Request) -> None:
             await request.respond(status())
 
+        # A queue group of its own: every instance answers (``service_statuses``); a
+        # plain request takes the first answer.
         await service.add_endpoint(EndpointConfig(name="status", subject=f"{name}.status",
-                                                  handler=handle))
+                                                  handler=handle,
+                                                  queue_group=f"i{service.id}"))
 
 
 async def _abandon(nc: Client) -> None:

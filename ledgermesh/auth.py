@@ -312,10 +312,9 @@ class AuthLayout:
 
 def _service_exports(subjects: list[str], accounts: list[str]) -> list[dict[str, Any]]:
     """A service's NATS micro subjects, exported to ``accounts``. Every instance answers a
-    ``$SRV`` verb (PING, INFO, STATS), so those stream their responses: with the default
-    (one response) only the first instance would be counted. ``status`` is one answer."""
-    return [{"service": sub, "accounts": accounts,
-             **({"response_type": "stream"} if sub.startswith("$SRV.") else {})}
+    ``$SRV`` verb (PING, INFO, STATS) and a ``status`` request, so they stream their
+    responses: with the default (one response) only the first instance would be heard."""
+    return [{"service": sub, "accounts": accounts, "response_type": "stream"}
             for sub in subjects]
 
 

@@ -31,8 +31,8 @@ def status_command(nats_url: str, prefix: str, config: Path, *, nkey: Path | Non
             reply = await bus.service_status(subjects.service("coordinator"))
             report["coordinator"] = None if reply is None else msgspec.json.decode(reply)
             for name in agents:
-                reply = await bus.service_status(subjects.service(name))
-                report["agents"][name] = None if reply is None else msgspec.json.decode(reply)
+                replies = await bus.service_statuses(subjects.service(name))
+                report["agents"][name] = _summed([msgspec.json.decode(r) for r in replies])
 
             async def count(name: str) -> None:  # every instance answers a ping
                 report["instances"][name] = await bus.count_instances(subjects.service(name))
@@ -69,7 +69,6 @@ def status_command(nats_url: str, prefix: str, config: Path, *, nkey: Path | Non
             style.out(f"agent {name:<12} {style.green('up')} · "
                       f"{_instances(style, report['instances'][name], policy, name)} · "
                       f"handled {agent['handled']} · failed {agent['failed']}"
-                      + (" (one instance's)" if report["instances"][name] > 1 else "")
                       + (f" · last error: {agent['last_error']}" if agent["last_error"] else ""))
         if coordinator is not None:
             _refusals(style, coordinator, name)
@@ -79,6 +78,18 @@ def status_command(nats_url: str, prefix: str, config: Path, *, nkey: Path | Non
             style.out(f"principal {name}")
             _refusals(style, coordinator, name)
     return 0 if healthy else 1
+
+
+def _summed(instances: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One agent's figures over all its instances (None: none answered)."""
+    if not instances:
+        return None
+    errors = [i["last_error"] for i in instances if i.get("last_error")]
+    return {"agent": instances[0].get("agent"),
+            "connected": all(i.get("connected", True) for i in instances),
+            "handled": sum(i["handled"] for i in instances),
+            "failed": sum(i["failed"] for i in instances),
+            "last_error": errors[0] if errors else None}
 
 
 def _instances(style: Style, up: int, policy: Policy | None, name: str) -> str:

@@ -109,8 +109,9 @@ async def test_status_without_a_coordinator_says_so(nats_server: EmbeddedNats, p
 
 async def test_status_counts_the_instances_of_each_agent(
         running: Path, nats_server: EmbeddedNats, prefix: str, tmp_path: Path) -> None:
-    """Two researcher processes share one consumer: both are counted (a status request
-    reaches one of them, a ping reaches all); the policy's ``instances`` is the bar."""
+    """Two researcher processes share one consumer: both are counted, and their figures
+    summed (every instance answers a status request); the policy's ``instances`` is the
+    bar."""
     common = ["--nats", nats_server.url, "--prefix", prefix]
     researchers = [spawn(f"researcher-{n}", ["agent", "run", "agents.examples.support:researcher",
                                               *common], tmp_path / "logs", service="researcher")
@@ -118,9 +119,23 @@ async def test_status_counts_the_instances_of_each_agent(
     try:
         async with open_bus(BusSettings(url=nats_server.url, name="test")) as bus:
             await wait_ready(bus, Subjects(prefix), researchers)
-        status = await cli(nats_server, prefix, "status", "--config", str(POLICY), "--json")
-        assert status.returncode == 0, status.stderr
-        instances = json.loads(status.stdout)["instances"]
+        # Work for both: the researcher has no handler for a submission, so each is
+        # handled as a recorded failure, on whichever instance pulls it.
+        for n in range(6):
+            done = await cli(nats_server, prefix, "submit", "--to", "researcher",
+                             "--title", f"direct {n}", "--task-id", f"t-direct-{n}")
+            assert done.returncode == 0, done.stderr
+        with anyio.fail_after(30):
+            while True:
+                status = await cli(nats_server, prefix, "status", "--config", str(POLICY),
+                                   "--json")
+                assert status.returncode == 0, status.stderr
+                report = json.loads(status.stdout)
+                if report["agents"]["researcher"]["handled"] == 6:
+                    break
+                await anyio.sleep(0.3)
+        assert report["agents"]["researcher"]["failed"] == 0  # (handlers did not raise)
+        instances = report["instances"]
         assert instances["coordinator"] == 1
         assert instances["researcher"] == 2
         assert instances["writer"] == 0
@@ -130,7 +145,7 @@ async def test_status_counts_the_instances_of_each_agent(
         human = await cli(nats_server, prefix, "status", "--config", str(wants_three))
         assert human.returncode == 0, human.stderr
         line = next(x for x in human.stdout.splitlines() if x.startswith("agent researcher"))
-        assert "up · 2 of 3 instances · handled 0 · failed 0 (one instance's)" in line
+        assert "up · 2 of 3 instances · handled 6 · failed 0" in line
         human = await cli(nats_server, prefix, "status", "--config", str(POLICY))
         assert "agent researcher   up · 2 instances · handled" in human.stdout
     finally:

@@ -412,6 +412,8 @@ async def test_a_task_completes_end_to_end_with_auth_on(world: World, tmp_path: 
             # Each instance answers a ping across the accounts (exports stream responses).
             assert await observer.count_instances(s.service("writer")) == 2
             assert await observer.count_instances(s.service(COORDINATOR)) == 1
+            # And each answers a status request (`ledgermesh status` sums them).
+            assert len(await observer.service_statuses(s.service("writer"))) == 2
             send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=256)
             await tg.start(observer.serve_observe, s.ledger_stream, s.ledger_of_task(task_id),
                            send, True)
