@@ -249,7 +249,7 @@ def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start:
     if until_closed and task_id is None:
         raise UsageError("--until-closed follows one task: give it with --task TASK_ID")
     from_start = from_start or until_closed  # a task closed already says so at once
-    closed: list[int] = []
+    outcome: int | None = None  # the exit code once the task closed (--until-closed)
     subject = subjects.ledger_of_task(task_id) if task_id else subjects.ledger_all
     style = stdout_style()
     decode_record = msgspec.json.Decoder(LedgerRecord).decode
@@ -271,6 +271,7 @@ def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start:
                 following = False
 
     async def follow(bus: Bus) -> None:
+        nonlocal outcome
         send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=256)
         async with anyio.create_task_group() as tg, receive:
             await tg.start(bus.serve_observe, subjects.ledger_stream, subject, send, from_start)
@@ -286,15 +287,15 @@ def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start:
                     style.out(_coloured(style, event["kind"], describe(record, event)))
                 seen += 1
                 if until_closed and event["kind"] in _CLOSED and event["key"] == task_id:
-                    closed.append(_CLOSED[event["kind"]])
-                if closed or (limit is not None and seen >= limit):
+                    outcome = _CLOSED[event["kind"]]
+                if outcome is not None or (limit is not None and seen >= limit):
                     tg.cancel_scope.cancel()
 
     try:
         anyio.run(main)
     except KeyboardInterrupt:
         return 130
-    return closed[0] if closed else 0
+    return outcome or 0
 
 
 __all__ = ["Style", "UsageError", "parse_payload", "submit_command", "tail_command"]

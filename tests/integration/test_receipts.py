@@ -57,6 +57,14 @@ def client(nats: EmbeddedNats) -> AbstractAsyncContextManager[Bus]:
     return open_bus(BusSettings(url=nats.url, name="test-client"))
 
 
+async def submitted_and_started(nats: EmbeddedNats, prefix: str, started: anyio.Event) -> None:
+    """A client submits task t1 to triage; until its handler has started."""
+    async with client(nats) as bus:
+        await say(bus, prefix, envelope("client", "t1", SubmitTask(to="triage", title="x")))
+    with anyio.fail_after(10):
+        await started.wait()
+
+
 async def acked(nats: EmbeddedNats, subjects: Subjects) -> None:
     """Until the agent's delivery consumer has nothing waiting for an ack."""
     nc = NatsClient()
@@ -122,11 +130,7 @@ async def test_an_output_the_intake_stream_lost_is_published_again_and_recorded(
     async with anyio.create_task_group() as agents:
         async with running_coordinator(nats_server, ledger, subjects):
             await agents.start(run_agent, agent, settings)
-            async with client(nats_server) as bus:
-                await say(bus, prefix,
-                          envelope("client", "t1", SubmitTask(to="triage", title="x")))
-            with anyio.fail_after(10):
-                await started.wait()
+            await submitted_and_started(nats_server, prefix, started)
         # The coordinator is stopped: the output is stored by the stream, not recorded.
         async with client(nats_server) as bus:
             before = await bus.last_seq(subjects.intake_stream)
@@ -170,11 +174,7 @@ async def test_past_the_deadline_an_agent_stops_publishing_again_and_leaves_it_u
             await coordinator.start(run_coordinator,
                                     CoordinatorSettings(nats_server.url, ledger, policy, subjects))
             await agents.start(run_agent, agent, settings)
-            async with client(nats_server) as bus:
-                await say(bus, prefix,
-                          envelope("client", "t1", SubmitTask(to="triage", title="x")))
-            with anyio.fail_after(10):
-                await started.wait()
+            await submitted_and_started(nats_server, prefix, started)
             coordinator.cancel_scope.cancel()
         go.set()
         with anyio.fail_after(10):
