@@ -196,6 +196,13 @@ _TASK_FOLDS: dict[str, Callable[[TaskState, Recorded, dict[str, Any]], None]] = 
 }
 
 
+# How many of a principal's rejected message ids its state keeps (the newest): a resend of
+# one of them is not recorded again. A sender resends within its handler's deadline, a few
+# messages at a time; the bound keeps a sender that is refused without end from growing
+# the coordinator (and the replayed state) by one id per refusal.
+REMEMBERED_REJECTIONS = 1000
+
+
 class PrincipalState(msgspec.Struct, kw_only=True):
     """What the ledger knows of a principal beyond its tasks: rejected messages."""
 
@@ -203,24 +210,33 @@ class PrincipalState(msgspec.Struct, kw_only=True):
     rejections: int = 0
     throttled: int = 0  # messages dropped by the rate limit
     suspended: bool = False
-    # ids of the messages rejected on this record, and of the suspensions and resumptions
-    # of this agent: a resend of any of them changes nothing
-    seen: set[str] = set()
+    # ids of the newest REMEMBERED_REJECTIONS messages rejected on this record, oldest first
+    rejected: dict[str, None] = {}
+    # ids of the suspensions and resumptions of this agent: operators' commands, few, all
+    # kept (an old resumption resent after a later suspension must not resume the agent)
+    commands: set[str] = set()
     version: int = 0
     head: str = GENESIS
+
+    def saw(self, msg_id: str) -> bool:
+        """Whether a message with this id is on this record already: its resend changes
+        nothing."""
+        return msg_id in self.rejected or msg_id in self.commands
 
     def apply(self, event: Recorded) -> None:
         if event.kind == Kind.REJECTED:
             self.rejections += 1
-            self.seen.add(event.msg_id)
+            self.rejected[event.msg_id] = None
+            if len(self.rejected) > REMEMBERED_REJECTIONS:
+                del self.rejected[next(iter(self.rejected))]
         elif event.kind == Kind.THROTTLED:
             self.throttled += event.data["count"]
         elif event.kind == Kind.SUSPENDED:
             self.suspended = True
-            self.seen.add(event.msg_id)
+            self.commands.add(event.msg_id)
         elif event.kind == Kind.RESUMED:
             self.suspended = False
-            self.seen.add(event.msg_id)
+            self.commands.add(event.msg_id)
         self.version = event.originator_version
         self.head = event.hash
 

@@ -11,6 +11,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
+from typing import TypeVar
 
 import msgspec
 from eventsourcing.persistence import Notification, Tracking
@@ -52,6 +54,7 @@ from schemas import (
 
 INTAKE = "intake"  # tracking name of the intake stream
 UNKNOWN_PRINCIPAL = "_unknown"
+S = TypeVar("S", TaskState | None, PrincipalState)
 
 
 class IntakeMessage(msgspec.Struct, frozen=True):
@@ -91,11 +94,11 @@ class LedgerWriter:
         self._subjects = subjects
         self._clock = clock
         self._codec = Codec()
-        self._cache_size = cache_size
+        self._cache_size = cache_size  # states kept of each kind (tasks, principals)
         self._touched: set[str] = set()  # aggregates advanced by the batch in progress
         self._timers_before: dict[str, datetime | None] = {}  # to undo a failed commit
         self._tasks: OrderedDict[str, TaskState | None] = OrderedDict()
-        self._principals: dict[str, PrincipalState] = {}
+        self._principals: OrderedDict[str, PrincipalState] = OrderedDict()
         self.position = ledger.tracking_position(INTAKE)
         self._known = MaybeKnown()  # task ids the ledger may hold (filled by the scan below)
         # task id -> when the coordinator must next decide for it (deadline or retry).
@@ -207,7 +210,7 @@ class LedgerWriter:
         on the same task. Envelopes past the principal's rate are dropped (counted, and
         recorded as one principal.throttled per window)."""
         key = message.msg_id or f"seq-{message.seq}"
-        if key in self._principal(principal).seen:
+        if self._principal(principal).saw(key):
             return  # rejected before: a resend after JetStream's dedup window
         if not is_batch(message.data):
             if self._admit(principal, now):
@@ -224,7 +227,7 @@ class LedgerWriter:
         # its own id, and a rejected element is remembered under the batch's id and its place.
         for i, part in enumerate(parts):
             element = f"{key}/{i}"
-            if element in self._principal(principal).seen or not self._admit(principal, now):
+            if self._principal(principal).saw(element) or not self._admit(principal, now):
                 continue
             yield self._decide_one(principal, message.subject, part, element, None, now)
 
@@ -241,11 +244,11 @@ class LedgerWriter:
             envelope = self._codec.decode_envelope(data, subject)
         except MalformedMessageError as exc:
             return reject_unreadable(principal, key, data, exc.reason)
-        if envelope.id in self._principal(principal).seen:
+        if self._principal(principal).saw(envelope.id):
             return []
         body = envelope.body
         if (isinstance(body, SuspendAgent | ResumeAgent) and self._policy.is_agent(body.agent)
-                and envelope.id in self._principal(body.agent).seen):
+                and self._principal(body.agent).saw(envelope.id)):
             return []  # recorded already, on the agent's record
         task = self._task(envelope.task_id)
         return decide(principal, data, envelope, task, self._policy, now, msg_id,
@@ -325,7 +328,7 @@ class LedgerWriter:
             if task is None:
                 task = TaskState(task_id=draft.key)
                 self._known.add(draft.key)
-                self._remember(draft.key, task)
+                self._remember(self._tasks, draft.key, task)
             state = task
         else:
             state = self._principal(draft.key)
@@ -373,32 +376,34 @@ class LedgerWriter:
             state = TaskState(task_id=task_id)
             for event in history:
                 state.apply(event)
-        self._remember(task_id, state)
+        self._remember(self._tasks, task_id, state)
         return state
-
-    def _remember(self, task_id: str, state: TaskState | None) -> None:
-        self._tasks[task_id] = state
-        self._tasks.move_to_end(task_id)
-        # Evict the least recently used, but never a task the batch in progress advanced:
-        # its state is not in the database yet, so a reload would forget it.
-        excess = len(self._tasks) - self._cache_size
-        if excess <= 0:
-            return
-        for key in list(self._tasks)[: excess + len(self._touched)]:
-            if excess <= 0:
-                break
-            if key not in self._touched:
-                del self._tasks[key]
-                excess -= 1
 
     def _principal(self, name: str) -> PrincipalState:
         state = self._principals.get(name)
-        if state is None:
-            state = PrincipalState(name=name)
-            for event in self._ledger.history(aggregate_id_of(Aggregate.PRINCIPAL, name)[0]):
-                state.apply(event)
-            self._principals[name] = state
+        if state is not None:
+            self._principals.move_to_end(name)
+            return state
+        state = PrincipalState(name=name)
+        for event in self._ledger.history(aggregate_id_of(Aggregate.PRINCIPAL, name)[0]):
+            state.apply(event)
+        self._remember(self._principals, name, state)
         return state
+
+    def _remember(self, cache: OrderedDict[str, S], key: str, state: S) -> None:
+        cache[key] = state
+        cache.move_to_end(key)
+        # Evict the least recently used, but never a state the batch in progress advanced:
+        # it is not in the database yet, so a reload would forget it.
+        excess = len(cache) - self._cache_size
+        if excess <= 0:
+            return
+        for old in list(islice(cache, excess + len(self._touched))):
+            if excess <= 0:
+                break
+            if old not in self._touched:
+                del cache[old]
+                excess -= 1
 
 
 def open_schedule(ledger: Ledger, known: MaybeKnown,
