@@ -68,8 +68,9 @@ async def run_coordinator(settings: CoordinatorSettings, *,
 
 
 async def _keep_the_lock(lock: WriterLock, every_s: float = LOCK_CHECK_S) -> None:
-    """The ledger's lock can be lost under a running coordinator (PostgreSQL restarted):
-    take it again, or stop (LedgerInUseError) if another coordinator has it now."""
+    """The ledger's lock can be lost under a running coordinator (PostgreSQL restarted, the
+    lock file removed): take it again, or stop (LedgerInUseError) if another coordinator
+    has it now."""
     while True:
         await anyio.sleep(every_s)
         await anyio.to_thread.run_sync(lock.check)

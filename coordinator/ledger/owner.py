@@ -7,7 +7,8 @@ deadline, two relays racing for the ledger stream. So the second one is refused,
 first one's whereabouts.
 
 - SQLite: ``flock`` on ``<ledger>.lock`` beside the file (which names the holder); the
-  kernel drops it with its process, kill -9 included.
+  kernel drops it with its process, kill -9 included. A lock file removed under a running
+  coordinator is made and locked again at its next check.
 - PostgreSQL: a session advisory lock, keyed by the ledger's schema, on a connection of
   its own (``application_name`` names the holder). The session ends with its process's
   connection; a host that dies without closing it is noticed by TCP keepalives within
@@ -51,49 +52,65 @@ class WriterLock(Protocol):
         """LedgerInUseError if the lock was lost and another process holds it now."""
 
 
-class _FileLock:
-    def check(self) -> None:  # a flock is the kernel's, and goes only with the process
-        return None
-
-
 @contextmanager
 def sole_writer(location: str) -> Iterator[WriterLock]:
     """Hold the ledger's writer lock while the body runs; LedgerInUseError if another
     process holds it, LedgerError if it cannot be taken at all."""
     check_location(location)
-    if is_postgres(location):
-        lock = _PostgresLock(location)
-        lock.acquire()
+    lock = _PostgresLock(location) if is_postgres(location) else _FileLock(location)
+    lock.acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+class _FileLock:
+    """``flock`` on ``<ledger>.lock``; ``check`` makes and takes the file again if someone
+    removed or replaced it (else a second coordinator would lock a new file and start)."""
+
+    def __init__(self, location: str) -> None:
+        self._location = location
+        self._path = Path(f"{location}.lock")
+        self._fd = -1
+
+    def acquire(self) -> None:
+        path = self._path
         try:
-            yield lock
-        finally:
-            lock.release()
-    else:
-        with _file_lock(location):
-            yield _FileLock()
-
-
-@contextmanager
-def _file_lock(location: str) -> Iterator[None]:
-    path = Path(f"{location}.lock")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise LedgerError(f"cannot lock the ledger at {location}: {exc}") from exc
-    try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LedgerError(f"cannot lock the ledger at {self._location}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
             raise LedgerInUseError(
-                f"{location} is being written by {holder} (lock {path}): a ledger has "
-                "exactly one coordinator; stop that one first") from None
+                f"{self._location} is being written by {holder or 'another process'} "
+                f"(lock {path}): a ledger has exactly one coordinator; stop that one "
+                "first") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{holder_name()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock; the file stays (its name is all it is)
+        self._fd = fd
+
+    def check(self) -> None:
+        try:
+            named, held = os.stat(self._path), os.fstat(self._fd)
+            if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                return  # the kernel's lock, on the file of that name: nothing to do
+        except FileNotFoundError:
+            pass
+        log.warning("the ledger's lock file %s was removed or replaced: taking it again",
+                    self._path)
+        held_before = self._fd
+        self.acquire()  # LedgerInUseError if another coordinator locked the new file
+        os.close(held_before)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # releases the lock; the file stays (its name is all it is)
+            self._fd = -1
 
 
 def advisory_key(schema: str) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
 
 from bus.embedded import free_port
-from coordinator.ledger.owner import _PostgresLock, sole_writer
+from coordinator.ledger.owner import LedgerInUseError, _PostgresLock, sole_writer
 from coordinator.ledger.store import LedgerError
 
 
@@ -37,3 +39,39 @@ def test_a_ledger_directory_that_cannot_be_written_is_a_clear_error(tmp_path: Pa
     with pytest.raises(LedgerError, match="cannot lock the ledger"), \
             sole_writer(str(blocked / "ledger.db")):
         pass
+
+
+def _lock_elsewhere(path: Path) -> int:
+    """Lock the file as another coordinator would (a lock of its own open file)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_lock_file_removed_under_a_coordinator_is_locked_again_at_its_check(
+        tmp_path: Path) -> None:
+    ledger = str(tmp_path / "ledger.db")
+    lock_file = tmp_path / "ledger.db.lock"
+    with sole_writer(ledger) as lock:
+        lock_file.unlink()
+        lock.check()
+        assert f"pid {os.getpid()}" in lock_file.read_text()
+        with pytest.raises(LedgerInUseError, match=f"pid {os.getpid()}"), sole_writer(ledger):
+            pass
+        lock.check()  # the file it holds: nothing to do
+    other = _lock_elsewhere(lock_file)  # released with the block
+    os.close(other)
+
+
+def test_a_coordinator_whose_lock_file_was_taken_by_another_stops_at_its_check(
+        tmp_path: Path) -> None:
+    ledger = str(tmp_path / "ledger.db")
+    lock_file = tmp_path / "ledger.db.lock"
+    with sole_writer(ledger) as lock:
+        lock_file.unlink()
+        other = _lock_elsewhere(lock_file)  # a second coordinator, started in the gap
+        try:
+            with pytest.raises(LedgerInUseError, match="exactly one coordinator"):
+                lock.check()
+        finally:
+            os.close(other)
