@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
-from typing import TypeVar
+from typing import Any, TypeVar
+from uuid import UUID
 
 import msgspec
 from eventsourcing.persistence import Notification, Tracking
@@ -35,6 +36,7 @@ from coordinator.ledger.events import (
     LedgerEvent,
     Sealed,
     aggregate_id_of,
+    event_from_state,
     stamp,
 )
 from coordinator.ledger.known import MaybeKnown
@@ -102,7 +104,8 @@ class LedgerWriter:
         self.position = ledger.tracking_position(INTAKE)
         self._known = MaybeKnown()  # task ids the ledger may hold (filled by the scan below)
         # task id -> when the coordinator must next decide for it (deadline or retry).
-        self.timers, suspended = open_schedule(ledger, self._known)
+        self.timers, suspended = open_schedule(ledger, self._known, self._principals,
+                                               keep=cache_size)
         self.suspended = frozenset(suspended)
         self._buckets: dict[str, tuple[float, datetime]] = {}  # principal -> tokens, at
         self._dropped: dict[str, tuple[int, datetime]] = {}  # principal -> count, since
@@ -406,13 +409,16 @@ class LedgerWriter:
                 excess -= 1
 
 
-def open_schedule(ledger: Ledger, known: MaybeKnown,
-                  page: int = 2000) -> tuple[dict[str, datetime], set[str]]:
+def open_schedule(ledger: Ledger, known: MaybeKnown, principals: OrderedDict[str, PrincipalState],
+                  keep: int, page: int = 2000) -> tuple[dict[str, datetime], set[str]]:
     """Deadlines and retry times of every open task, and the suspended agents, from one
-    pass over the log; every task id in it is added to ``known``.
+    pass over the log; every task id in it is added to ``known``, and the states of the
+    ``keep`` principals active last to ``principals``.
 
     Only the last timer-relevant event of each task matters, so this keeps one entry per
-    open task, not their states.
+    open task, not their states. A principal's state is bounded, and folding it here saves
+    reading its whole history when it next speaks (a principal refused 100k times: ~2 s
+    that would block the intake).
     """
     timers: dict[str, datetime] = {}
     suspended: set[str] = set()
@@ -422,7 +428,9 @@ def open_schedule(ledger: Ledger, known: MaybeKnown,
         for n in notifications:
             state = decoder.decode(n.state)
             kind, data, key = state["kind"], state["data"], state["key"]
-            if n.originator_version == 1 and state["aggregate"] == Aggregate.TASK:
+            if state["aggregate"] == Aggregate.PRINCIPAL:
+                _fold_principal(principals, keep, n, state)
+            elif n.originator_version == 1 and state["aggregate"] == Aggregate.TASK:
                 known.add(key)
             if kind == Kind.ASSIGNED:
                 timers[key] = datetime.fromisoformat(data["deadline"])
@@ -436,3 +444,23 @@ def open_schedule(ledger: Ledger, known: MaybeKnown,
                 suspended.discard(key)
             after = n.id
     return timers, suspended
+
+
+def _fold_principal(principals: OrderedDict[str, PrincipalState], keep: int,
+                    n: Notification, state: dict[str, Any]) -> None:
+    """Fold one stored principal event into its state, kept if among the ``keep`` last
+    active; a principal evicted here, and seen again, starts again from its first event
+    (any gap would make a wrong state)."""
+    key = state["key"]
+    principal = principals.get(key)
+    if principal is None:
+        if n.originator_version != 1:
+            return  # evicted before: read from the ledger if it ever speaks again
+        principal = principals[key] = PrincipalState(name=key)
+    principals.move_to_end(key)
+    aggregate_id = n.originator_id  # (its text, on SQLite)
+    principal.apply(event_from_state(
+        aggregate_id if isinstance(aggregate_id, UUID) else UUID(aggregate_id),
+        n.originator_version, state))
+    if len(principals) > keep:
+        principals.popitem(last=False)

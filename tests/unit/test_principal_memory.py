@@ -55,6 +55,19 @@ def writer(ledger: Ledger, cache_size: int = 10_000) -> LedgerWriter:
     return LedgerWriter(ledger, POLICY, SUBJECTS, lambda: NOW, cache_size=cache_size)
 
 
+def count_history_reads(ledger: Ledger) -> list[str]:
+    """The aggregate ids whose history is read from now on (a state not in memory)."""
+    reads: list[str] = []
+    history = ledger.history
+
+    def counted(aggregate_id: UUID) -> list[LedgerEvent]:
+        reads.append(str(aggregate_id))
+        return history(aggregate_id)
+
+    ledger.history = counted  # type: ignore[method-assign]
+    return reads
+
+
 def test_a_sender_refused_without_end_is_remembered_by_its_newest_rejections(
         ledger: Ledger) -> None:
     mallory = Sender("mallory")  # no agent, may not submit: each submission is refused
@@ -70,12 +83,15 @@ def test_a_sender_refused_without_end_is_remembered_by_its_newest_rejections(
 
     # Resent after JetStream's dedup window, to a coordinator that restarted: the newest
     # rejections are still known and change nothing; the forgotten ones are judged again.
+    # Its state was folded in the restart's pass over the log: no reading its history.
     again = writer(ledger)
+    reads = count_history_reads(ledger)
     assert again.record([mallory.message(refused[-1]),
                          mallory.message(refused[-REMEMBERED_REJECTIONS])]).events == []
     judged = again.record([mallory.message(refused[0])]).events
     assert [(e.kind, e.msg_id) for e in judged] == [(Kind.REJECTED, refused[0].id)]
     assert replay(ledger).principals["mallory"].rejections == count + 1
+    assert reads == []
 
 
 def test_an_old_resumption_resent_after_a_later_suspension_changes_nothing(
@@ -104,15 +120,35 @@ def test_principals_past_the_cache_are_reloaded_with_what_they_said(ledger: Ledg
     for s, e in zip(strangers, sent, strict=True):  # one at a time: each evicts the oldest
         assert [e.kind for e in w.record([s.message(e)]).events] == [Kind.REJECTED]
     # Each resend finds its principal evicted, reloads it and knows the message.
-    reads: list[str] = []
-    history = ledger.history
-
-    def counted(aggregate_id: UUID) -> list[LedgerEvent]:
-        reads.append(str(aggregate_id))
-        return history(aggregate_id)
-
-    ledger.history = counted  # type: ignore[method-assign]
+    reads = count_history_reads(ledger)
     for s, e in zip(strangers, sent, strict=True):
         assert w.record([s.message(e)]).events == []
     assert len(reads) == len(strangers)  # none was still in memory
     assert all(replay(ledger).principals[s.principal].rejections == 1 for s in strangers)
+
+
+def test_a_restart_keeps_the_principals_active_last_and_reloads_the_others(
+        ledger: Ledger) -> None:
+    strangers = [Sender(f"stranger-{i}") for i in range(6)]
+    sent = [s.envelope(f"{s.principal}-1", Say(text="hello")) for s in strangers]
+    writer(ledger).record([s.message(e) for s, e in zip(strangers, sent, strict=True)])
+    restarted = writer(ledger, cache_size=4)
+    reads = count_history_reads(ledger)
+    for s, e in reversed(list(zip(strangers, sent, strict=True))):
+        assert restarted.record([s.message(e)]).events == []
+    # The four active last were folded at the restart; the two before them are read from
+    # the ledger, and still know their message.
+    assert len(reads) == 2
+
+
+def test_a_principal_pushed_out_during_the_restart_is_not_folded_from_its_middle(
+        ledger: Ledger) -> None:
+    first, *others = [Sender(f"stranger-{i}") for i in range(5)]
+    early = first.envelope("early", Say(text="hello"))
+    w = writer(ledger)
+    w.record([first.message(early)])
+    w.record([s.message(s.envelope(f"{s.principal}-1", Say(text="hi"))) for s in others])
+    w.record([first.message(first.envelope("late", Say(text="me again")))])
+    # At the restart, "first" leaves the two kept states and comes back at its second
+    # event: kept from there, it would not know its first message.
+    assert writer(ledger, cache_size=2).record([first.message(early)]).events == []
