@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -201,6 +203,8 @@ def open_ledger(location: str, *, create: bool) -> Ledger:
         if not create and not path.is_file():
             raise LedgerError(f"no ledger at {location} (expected a SQLite file made by "
                               "ledgermesh, or postgresql://…)")
+        if not create or (path.is_file() and path.stat().st_size > 0):
+            _check_sqlite_ledger(path, empty_ok=create)
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -215,6 +219,22 @@ def open_ledger(location: str, *, create: bool) -> Ledger:
             raise LedgerError(f"no ledger at {_redact(location)} (no ledgermesh tables "
                               "in that database/schema)") from None
     return ledger
+
+
+def _check_sqlite_ledger(path: Path, empty_ok: bool) -> None:
+    """LedgerError unless the file is a SQLite database with a ledger's events table (or,
+    ``empty_ok``, no table at all), looked at read-only: the recorder creates its tables
+    where they are missing, and must not turn another application's database, or any
+    file a reader was pointed at, into a ledger."""
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {name for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{path} is not a ledger: {exc}") from None
+    if "stored_events" not in tables and not (empty_ok and not tables):
+        raise LedgerError(f"{path} is a SQLite database but not a ledgermesh ledger (it has "
+                          "no stored_events table)")
 
 
 def _redact(location: str) -> str:

@@ -170,6 +170,59 @@ def test_export_writes_every_event_as_a_line(demo: tuple[dict[str, object], Path
     assert list(tmp_path.glob("nobody.jsonl*")) == []  # no empty or partial file left
 
 
+def test_export_never_writes_over_a_ledger(demo: tuple[dict[str, object], Path],
+                                           tmp_path: Path) -> None:
+    """`--out` naming the ledger itself (a slip of the shell's history) must not replace
+    the record with its export."""
+    _, original = demo
+    ledger = tmp_path / "ledger.db"
+    ledger.write_bytes(original.read_bytes())
+    before = ledger.read_bytes()
+    done = run_cli("export", "--ledger", str(ledger), "--out", str(ledger))
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: --out {ledger} is a SQLite database")
+    assert ledger.read_bytes() == before
+
+
+def test_export_stops_at_a_damaged_row_and_leaves_no_file(
+        demo: tuple[dict[str, object], Path], tmp_path: Path) -> None:
+    _, original = demo
+    ledger = tmp_path / "damaged.db"
+    ledger.write_bytes(original.read_bytes())
+    db = sqlite3.connect(ledger)
+    db.execute("UPDATE stored_events SET state = substr(state, 1, 40) WHERE rowid = 7")
+    db.commit()
+    db.close()
+    out = tmp_path / "export.jsonl"
+    done = run_cli("export", "--ledger", str(ledger), "--out", str(out))
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: position 7 holds no JSON event"), done.stderr
+    assert "--to 6 and --after 7" in done.stderr
+    assert list(tmp_path.glob("export.jsonl*")) == []
+    before = run_cli("export", "--ledger", str(ledger), "--to", "6")
+    assert before.returncode == 0, before.stderr
+    assert [json.loads(line)["position"] for line in before.stdout.splitlines()] == [
+        1, 2, 3, 4, 5, 6]
+
+
+def test_readers_refuse_a_database_that_is_no_ledger_and_leave_it_alone(
+        tmp_path: Path) -> None:
+    other = tmp_path / "app.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+    db.commit()
+    db.close()
+    for args in (["replay", "--ledger", str(other), "--verify"],
+                 ["export", "--ledger", str(other)],
+                 ["audit", "t-1", "--ledger", str(other)]):
+        done = run_cli(*args)
+        assert done.returncode == 2, args
+        assert done.stderr.strip() == (f"error: {other} is a SQLite database but not a "
+                                       "ledgermesh ledger (it has no stored_events table)")
+    tables = sqlite3.connect(other).execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == [("orders",)]
+
+
 def test_replay_agent_finds_the_code_unchanged_or_shows_what_changed(
         demo: tuple[dict[str, object], Path]) -> None:
     _, ledger = demo
@@ -225,6 +278,8 @@ def test_a_reader_that_stops_early_is_no_error(demo: tuple[dict[str, object], Pa
         (["replay", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at /nonexistent"),
         (["export", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at /nonexistent"),
         (["export", "--ledger", "x.db", "--after", "-1"], "error: --after and --to are"),
+        (["export", "--ledger", "x.db", "--after", "50", "--to", "10"],
+         "error: --to 10 is not after --after 50"),
         (["coordinator", "run", "--ledger", "x.db", "--metrics", "9464"],
          "error: --metrics takes HOST:PORT (e.g. 127.0.0.1:9464), got '9464'"),
         (["audit", "t-1", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at"),
