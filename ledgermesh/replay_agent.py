@@ -22,6 +22,7 @@ from agents.runtime import handle
 from agents.sdk import Agent, Context, load_agent
 from coordinator.decide import recorded_answer
 from coordinator.ledger.events import Kind, LedgerEvent, task_aggregate_id
+from coordinator.ledger.replay import ChainBrokenError, verify_history
 from coordinator.ledger.state import TaskState
 from coordinator.ledger.store import Ledger, open_ledger
 from ledgermesh.style import Style, stdout_style
@@ -76,6 +77,11 @@ def replay_agent(ledger: Ledger, agent: Agent, task_id: str) -> ReplayedTask:
                if isinstance(e, LedgerEvent)]
     if not history:
         raise LedgermeshError(f"no task {task_id!r} in this ledger")
+    broken = verify_history(history)
+    if broken is not None:  # a replay against an edited record would prove nothing
+        raise ChainBrokenError(f"the chain of task {task_id!r} is broken at {broken}: the ledger "
+                               "was modified after it was written (`ledgermesh replay "
+                               "--verify` tells more); nothing replayed")
     task = TaskState(task_id=task_id)
     for event in history:
         task.apply(event)
@@ -205,8 +211,13 @@ def render(result: ReplayedTask, style: Style) -> list[str]:
         for call in step.unrecorded_tool_calls:
             lines.append(style.yellow(f"    tool call {call} has no recorded answer: it was "
                                       f"answered 'not_recorded'"))
-    verdict = (style.green("the code does what the ledger recorded") if not result.differs
-               else style.red(f"{result.differs} of {len(result.steps)} deliveries differ"))
+    if result.differs:
+        verdict = style.red(f"{result.differs} of {len(result.steps)} deliveries differ")
+    elif not any(step.recorded for step in result.steps):
+        verdict = style.yellow(f"nothing to compare: no attempt of {result.agent} on this "
+                               "task recorded an output")
+    else:
+        verdict = style.green("the code does what the ledger recorded")
     lines.append(verdict)
     return lines
 

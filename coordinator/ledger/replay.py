@@ -189,13 +189,14 @@ class _Fold:
     chain (checkpoints checked against it), and folded into state.
 
     Keeps the breaks of each event's link (out of sequence, unreadable) apart from those
-    of the global chain and checkpoints, so that a wrong hash the check finds can go
-    between them, as one pass would find it."""
+    of its fold and of the global chain and checkpoints, so that a wrong hash the check
+    finds can go between them, as one pass would find it."""
 
     def __init__(self, chain: GlobalChain) -> None:
         self.replay = Replay(chain=chain)
         self.links: list[Break] = []
         self.chain_breaks: list[Break] = []
+        self.unfoldable: list[Break] = []
         # Keyed by the aggregate id as stored (SQLite's text) or its UUID's integer.
         self._heads: dict[int | str, tuple[int, str]] = {}
 
@@ -230,30 +231,40 @@ class _Fold:
                 chain_breaks += [Break(position, event.aggregate, event.key, event.kind, why)
                                  for why in problems]
             aggregate = event.aggregate
-            if aggregate == Aggregate.TASK:
-                task = tasks.get(event.key)
-                if task is None:
-                    task = tasks[event.key] = TaskState(task_id=event.key)
-                task.apply(event)
-            elif aggregate == Aggregate.CHECKPOINT:
-                problem = chain.check(position, event.data)
-                if problem is not None:
-                    chain_breaks.append(Break(position, event.aggregate, event.key, event.kind,
-                                              problem))
-            else:
-                principal = principals.get(event.key)
-                if principal is None:
-                    principal = principals[event.key] = PrincipalState(name=event.key)
-                principal.apply(event)
+            try:
+                if aggregate == Aggregate.TASK:
+                    task = tasks.get(event.key)
+                    if task is None:
+                        task = tasks[event.key] = TaskState(task_id=event.key)
+                    task.apply(event)
+                elif aggregate == Aggregate.CHECKPOINT:
+                    problem = chain.check(position, event.data)
+                    if problem is not None:
+                        chain_breaks.append(Break(position, event.aggregate, event.key,
+                                                  event.kind, problem))
+                else:
+                    principal = principals.get(event.key)
+                    if principal is None:
+                        principal = principals[event.key] = PrincipalState(name=event.key)
+                    principal.apply(event)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                # Data the coordinator never writes (an edited kind, a missing field): the
+                # hash check says the event was changed; if its hash was made to match,
+                # the fold says what it met.
+                self.unfoldable.append(Break(position, event.aggregate, event.key, event.kind,
+                                   f"stored event cannot be folded: {type(exc).__name__} "
+                                   f"{exc}"))
 
 
 def _merged(folded: _Fold, checked: HashCheck) -> list[Break]:
     """The breaks in log order, as one pass would find them: for each event, a broken link
-    (or else a wrong hash: the first thing wrong with it), then the global chain's and the
-    checkpoints'."""
+    (or else a wrong hash, or else data the fold cannot take: the first thing wrong with
+    it), then the global chain's and the checkpoints'."""
     linked = {b.position for b in folded.links}
     hashes = [Break(*w) for position, w in checked.wrong.items() if position not in linked]
-    sources: Sequence[list[Break]] = (folded.links, hashes, folded.chain_breaks)
+    found = linked | checked.wrong.keys()
+    unfoldable = [b for b in folded.unfoldable if b.position not in found]
+    sources: Sequence[list[Break]] = (folded.links, hashes, unfoldable, folded.chain_breaks)
     ranked = sorted((b.position, rank, i)
                     for rank, source in enumerate(sources) for i, b in enumerate(source))
     return [sources[rank][i] for _, rank, i in ranked]

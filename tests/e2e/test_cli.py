@@ -143,6 +143,35 @@ def test_an_edited_event_is_detected_and_located(demo: tuple[dict[str, object], 
     assert "Traceback" not in done.stderr
 
 
+def test_an_edited_kind_is_located_and_no_agent_is_replayed_on_it(
+        demo: tuple[dict[str, object], Path], tmp_path: Path) -> None:
+    """An event's kind changed to one whose data it lacks: a located break, not a
+    traceback; replay-agent refuses to compare code with an edited record."""
+    _, original = demo
+    ledger = tmp_path / "edited.db"
+    ledger.write_bytes(original.read_bytes())
+    db = sqlite3.connect(ledger)
+    rowid, key, version = db.execute(
+        "SELECT rowid, json_extract(state, '$.key'), originator_version FROM stored_events "
+        "WHERE json_extract(state, '$.kind') = 'handoff.requested' AND "
+        "json_extract(state, '$.sender') = 'researcher' ORDER BY rowid LIMIT 1").fetchone()
+    db.execute("UPDATE stored_events SET state = replace(state, '\"handoff.requested\"', "
+               "'\"tool.authorized\"') WHERE rowid = ?", (rowid,))
+    db.commit()
+    db.close()
+    done = run_cli("replay", "--ledger", str(ledger), "--verify")
+    assert done.returncode == 1
+    assert (f"chain broken at position {rowid} (task {key}, event tool.authorized): stored "
+            "hash") in done.stderr
+    assert "Traceback" not in done.stderr
+    replayed = run_cli("replay-agent", "agents.examples.support:researcher", "--ledger",
+                       str(ledger), "--task", key)
+    assert replayed.returncode == 2
+    assert replayed.stderr.startswith(
+        f"error: the chain of task {key!r} is broken at version {version} (tool.authorized)")
+    assert "nothing replayed" in replayed.stderr
+
+
 def test_export_writes_every_event_as_a_line(demo: tuple[dict[str, object], Path],
                                              tmp_path: Path) -> None:
     result, ledger = demo

@@ -34,6 +34,7 @@ from coordinator.ledger.events import (
     LedgerEvent,
     Provenance,
     Sealed,
+    chain_hash,
     principal_aggregate_id,
     stamp,
     task_aggregate_id,
@@ -554,6 +555,36 @@ class LedgerContract:
         assert first.problem.startswith("stored event is unreadable")
         assert why in first.problem
         assert result.tasks["t2"].status != "failed"  # the unreadable event is not folded
+        assert result.tasks["t1"].status == "completed"
+
+    def test_an_edited_kind_the_fold_cannot_take_is_a_break_not_a_crash(
+        self, location: str, recorded: list[Recorded], ledgers: list[Ledger]
+    ) -> None:
+        """A task.failed turned into a tool.authorized (whose fold needs data it lacks):
+        the changed hash is the break; with the hash made to match, the fold says what it
+        could not take, and the replay reads on."""
+        ledger = self.reopen(location, ledgers)
+        position = position_where(ledger, "t2", Kind.FAILED)
+        [row] = ledger.read(position - 1, 1)
+        state = msgspec.json.decode(self.stored_state(location, position))
+        state["kind"] = Kind.TOOL_AUTHORIZED
+        self.overwrite_state(location, position, msgspec.json.encode(state))
+
+        reopened = self.reopen(location, ledgers)
+        result = replay(reopened, helper=False)
+        assert [(b.position, b.kind) for b in result.breaks][:1] == [
+            (position, Kind.TOOL_AUTHORIZED)]
+        assert "recomputed" in result.breaks[0].problem
+        assert result.events == reopened.last_position()
+
+        del state["hash"]
+        state["hash"] = chain_hash(state["prev_hash"], row.originator_id,
+                                   row.originator_version, row.topic, state)
+        self.overwrite_state(location, position, msgspec.json.encode(state))
+        result = replay(self.reopen(location, ledgers), helper=False)
+        first = result.breaks[0]
+        assert (first.position, first.kind) == (position, Kind.TOOL_AUTHORIZED)
+        assert first.problem == "stored event cannot be folded: KeyError 'tool'"
         assert result.tasks["t1"].status == "completed"
 
     def test_an_added_field_named_like_a_notification_field_is_still_hash_checked(
