@@ -13,11 +13,14 @@ import msgspec
 from bus.client import BusSettings, open_bus
 from coordinator.ledger.checkpoints import (
     Checkpoint,
+    CheckpointError,
+    GlobalChain,
     latest_checkpoint,
     read_checkpoint,
+    verify_key,
     write_checkpoint,
 )
-from coordinator.ledger.replay import replay
+from coordinator.ledger.replay import Break, replay
 from coordinator.ledger.store import LedgerError, open_ledger
 from coordinator.policy import load_policy
 from ledgermesh.audit import audit_task, render_audit
@@ -38,6 +41,7 @@ class ReplayReport(msgspec.Struct, frozen=True, kw_only=True):
     first_break: dict[str, object] | None
     checkpoints: str  # what the signed checkpoints cover
     unsigned: int  # events after the newest verified checkpoint (no signature covers them)
+    anchored: int = 0  # external checkpoints (--checkpoint…) the ledger matched
 
 
 def external_checkpoint(path: Path | None, nats_url: str | None, prefix: str,
@@ -66,6 +70,13 @@ def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool
                    trusted_keys: tuple[str, ...] = (), checkpoint: Checkpoint | None = None,
                    save_checkpoint: Path | None = None) -> int:
     style = stdout_style()
+    for key in trusted_keys:
+        try:
+            verify_key(key)
+        except CheckpointError as exc:
+            raise LedgermeshError(f"--trusted-key {key[:20]!r}: {exc} (the coordinator logs "
+                                  "its key at start; replay prints the key of the "
+                                  "checkpoints it verified)") from None
     ledger = open_ledger(location, create=False)
     try:
         live = style.live and not as_json
@@ -91,6 +102,7 @@ def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool
         tasks=len(result.tasks), tasks_by_status=statuses, digest=result.digest,
         verified=result.verified, seconds=round(seconds, 4),
         checkpoints=result.chain.summary(), unsigned=result.chain.unsigned,
+        anchored=result.chain.anchored,
         first_break=None if first is None else {
             "position": first.position, "aggregate": first.aggregate, "key": first.key,
             "kind": first.kind, "problem": first.problem},
@@ -105,15 +117,26 @@ def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool
         if not as_json:
             print(f"saved the newest signed checkpoint to {save_checkpoint} "
                   "(verify a later copy with --checkpoint)", file=sys.stderr)
-    if verify and not result.verified:
-        if not as_json:
-            assert first is not None
-            print(f"error: chain broken at position {first.position} ({first.aggregate} "
-                  f"{first.key}, event {first.kind}): {first.problem}\n"
-                  f"       the ledger was modified after it was written; last good position "
-                  f"{first.position - 1}", file=sys.stderr)
-        return 1
-    return 0
+    if first is not None and not as_json:
+        print(f"{'error' if verify else 'warning'}: chain broken at position "
+              f"{first.position} ({first.aggregate} {first.key}, event {first.kind}): "
+              f"{first.problem}\n       {_what_it_means(first, result.chain, checkpoint)}",
+              file=sys.stderr)
+    return 1 if verify and not result.verified else 0
+
+
+def _what_it_means(first: Break, chain: GlobalChain, checkpoint: Checkpoint | None) -> str:
+    """The likeliest reading of the first break: an edited ledger, unless the keys say
+    that a checkpoint came from elsewhere."""
+    if "not a trusted key" in first.problem:
+        return ("its checkpoints are signed by a key not given with --trusted-key: another "
+                "coordinator's (each logs its key at start), or a forger's")
+    if checkpoint is not None and chain.keys and checkpoint.key not in chain.keys:
+        return (f"the external checkpoint is signed by {checkpoint.key[:12]}…, this ledger's "
+                f"own by {', '.join(k[:12] + '…' for k in sorted(chain.keys))}: most likely "
+                "it is another ledger's checkpoint; if not, this ledger was cut or rewritten")
+    return (f"the ledger was modified after it was written; last good position "
+            f"{first.position - 1}")
 
 
 def render_replay(report: ReplayReport, style: Style, *, verify: bool) -> list[str]:
@@ -123,11 +146,17 @@ def render_replay(report: ReplayReport, style: Style, *, verify: bool) -> list[s
              f"{report.events} events in {report.seconds:.2f} s ({rate:,.0f} events/s)",
              f"digest {report.digest}"]
     lines.append(f"checkpoints: {report.checkpoints}")
-    if verify:
-        if report.verified:
-            lines.append(style.green(f"chains verified ✓ ({report.events} events)"))
-        else:
-            lines.append(style.red("chains NOT verified ✗"))
+    # Replay checks every chain either way; --verify only makes a break the exit status.
+    if report.verified:
+        lines.append(style.green(f"chains verified ✓ ({report.events} events)"))
+        if report.unsigned and verify and not report.anchored:
+            lines.append(f"  its last {report.unsigned} events are covered by no signed "
+                         "checkpoint: normal while a coordinator runs or after one crashed, "
+                         "and also what events cut from the end would look like; hold the "
+                         "ledger against a checkpoint kept elsewhere (--checkpoint-from-nats "
+                         "URL, --checkpoint FILE) to tell")
+    else:
+        lines.append(style.red("chains NOT verified ✗"))
     return lines
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.ledger.checkpoints import Signer, write_checkpoint
+
 CLI = [sys.executable, "-m", "ledgermesh"]
 
 
@@ -309,6 +311,8 @@ def test_a_reader_that_stops_early_is_no_error(demo: tuple[dict[str, object], Pa
         (["export", "--ledger", "x.db", "--after", "-1"], "error: --after and --to are"),
         (["export", "--ledger", "x.db", "--after", "50", "--to", "10"],
          "error: --to 10 is not after --after 50"),
+        (["replay", "--ledger", "x.db", "--trusted-key", "garbage"],
+         "error: --trusted-key 'garbage': not an nkey"),
         (["coordinator", "run", "--ledger", "x.db", "--metrics", "9464"],
          "error: --metrics takes HOST:PORT (e.g. 127.0.0.1:9464), got '9464'"),
         (["audit", "t-1", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at"),
@@ -382,6 +386,44 @@ def test_a_truncated_ledger_is_caught_by_a_saved_checkpoint(
     assert done.returncode == 1
     assert f"truncated: ledger ends at {covered - 3}, signed checkpoint covers {covered}" \
         in done.stderr
+    assert "the ledger was modified" in done.stderr
+    # Alone, the cut ledger verifies (what is left is intact), and says what it cannot tell.
+    alone = run_cli("replay", "--ledger", str(truncated), "--verify")
+    assert alone.returncode == 0, alone.stderr
+    assert "events are covered by no signed checkpoint" in alone.stdout
+    assert "--checkpoint-from-nats URL, --checkpoint FILE" in alone.stdout
+    # A checkpoint another coordinator signed (another ledger's): named as such.
+    other = Signer.generate()
+    elsewhere = tmp_path / "elsewhere.json"
+    write_checkpoint(elsewhere, other.sign("lm", covered, "00" * 32))
+    done = run_cli("replay", "--ledger", str(original), "--verify", "--checkpoint",
+                   str(elsewhere))
+    assert done.returncode == 1
+    assert (f"the external checkpoint is signed by {other.public_key[:12]}…, this ledger's own "
+            "by") in done.stderr
+    assert "most likely it is another ledger's checkpoint" in done.stderr
+    # Its key given as the only trusted one: the ledger's own checkpoints are not trusted.
+    done = run_cli("replay", "--ledger", str(original), "--verify", "--trusted-key",
+                   other.public_key)
+    assert done.returncode == 1
+    assert "signed by a key not given with --trusted-key" in done.stderr
+
+
+def test_replay_without_verify_still_tells_a_broken_chain(
+        demo: tuple[dict[str, object], Path], tmp_path: Path) -> None:
+    _, original = demo
+    ledger = tmp_path / "edited.db"
+    ledger.write_bytes(original.read_bytes())
+    db = sqlite3.connect(ledger)
+    db.execute("UPDATE stored_events SET state = replace(state, 'policy', 'POLICY') "
+               "WHERE rowid = (SELECT max(rowid) FROM stored_events WHERE "
+               "json_extract(state, '$.kind') = 'message.said')")
+    db.commit()
+    db.close()
+    done = run_cli("replay", "--ledger", str(ledger))
+    assert done.returncode == 0  # only --verify makes it the exit status
+    assert "chains NOT verified ✗" in done.stdout
+    assert done.stderr.startswith("warning: chain broken at position")
 
 
 def test_unknown_arguments_are_refused_except_by_bench() -> None:
