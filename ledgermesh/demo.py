@@ -142,6 +142,9 @@ def run_demo(data_dir: Path, tasks: int, *, as_json: bool, timeout: float = 120.
 
 def prepare(data_dir: Path) -> None:
     """Start from an empty demo directory; never delete a directory the demo did not make."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DemoError(f"--data-dir {data_dir} is a file, not a directory; pass a new or "
+                        "demo-made directory")
     if data_dir.exists() and any(data_dir.iterdir()):
         if not (data_dir / MARKER).exists():
             raise DemoError(f"{data_dir} exists and was not made by the demo; "
@@ -153,8 +156,12 @@ def prepare(data_dir: Path) -> None:
             raise DemoError(f"another demo is running in {data_dir} ({exc}); wait for it, or "
                             "pass --data-dir with another directory") from None
         shutil.rmtree(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / MARKER).write_text("made by ledgermesh demo; deleted by the next demo run\n")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / MARKER).write_text("made by ledgermesh demo; deleted by the next demo run\n")
+    except OSError as exc:
+        raise DemoError(f"cannot make the demo's directory {data_dir}: "
+                        f"{exc.strerror or exc}") from None
 
 
 async def _run(data_dir: Path, count: int, style: Style, say: Any, timeout: float,

@@ -70,6 +70,8 @@ def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool
                    trusted_keys: tuple[str, ...] = (), checkpoint: Checkpoint | None = None,
                    save_checkpoint: Path | None = None) -> int:
     style = stdout_style()
+    if to is not None and to < 1:
+        raise LedgermeshError(f"--to {to}: give a ledger position, 1 or more")
     for key in trusted_keys:
         try:
             verify_key(key)
@@ -112,16 +114,20 @@ def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool
     else:
         for line in render_replay(report, style, verify=verify):
             style.out(line)
-    if save_checkpoint is not None and result.chain.last is not None and result.verified:
-        write_checkpoint(save_checkpoint, result.chain.last)
-        if not as_json:
-            print(f"saved the newest signed checkpoint to {save_checkpoint} "
-                  "(verify a later copy with --checkpoint)", file=sys.stderr)
     if first is not None and not as_json:
         print(f"{'error' if verify else 'warning'}: chain broken at position "
               f"{first.position} ({first.aggregate} {first.key}, event {first.kind}): "
               f"{first.problem}\n       {_what_it_means(first, result.chain, checkpoint)}",
               file=sys.stderr)
+    if save_checkpoint is not None:
+        if result.chain.last is not None and result.verified:
+            write_checkpoint(save_checkpoint, result.chain.last)
+            if not as_json:
+                print(f"saved the newest signed checkpoint to {save_checkpoint} "
+                      "(verify a later copy with --checkpoint)", file=sys.stderr)
+        elif not as_json:
+            why = "the chains did not verify" if not result.verified else "none is signed"
+            print(f"no checkpoint saved to {save_checkpoint}: {why}", file=sys.stderr)
     return 1 if verify and not result.verified else 0
 
 
@@ -156,7 +162,10 @@ def render_replay(report: ReplayReport, style: Style, *, verify: bool) -> list[s
                          "ledger against a checkpoint kept elsewhere (--checkpoint-from-nats "
                          "URL, --checkpoint FILE) to tell")
     else:
-        lines.append(style.red("chains NOT verified ✗"))
+        where = report.first_break or {}
+        lines.append(style.red(f"chains NOT verified ✗ (first break at position "
+                               f"{where.get('position')}, {where.get('aggregate')} "
+                               f"{where.get('key')})"))
     return lines
 
 

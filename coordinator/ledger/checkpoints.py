@@ -347,7 +347,8 @@ class GlobalChain:
         if self.last is None:
             return f"no signed checkpoint ({self.position} events not covered by a signature)"
         keys = ", ".join(sorted(self.keys))
-        return (f"{self.checkpoints} signed checkpoints verified (newest covers position "
+        counted = f"{self.checkpoints} signed checkpoint{'' if self.checkpoints == 1 else 's'}"
+        return (f"{counted} verified (newest covers position "
                 f"{self.last.position}; key {keys}); {self.unsigned} events after it"
                 + (f"; matches {self.anchored} external checkpoint(s)" if self.anchored else ""))
 

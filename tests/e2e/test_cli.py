@@ -313,6 +313,8 @@ def test_a_reader_that_stops_early_is_no_error(demo: tuple[dict[str, object], Pa
          "error: --to 10 is not after --after 50"),
         (["replay", "--ledger", "x.db", "--trusted-key", "garbage"],
          "error: --trusted-key 'garbage': not an nkey"),
+        (["replay", "--ledger", "x.db", "--to", "-5"], "error: --to -5: give a ledger position"),
+        (["demo", "--data-dir", "/proc/no-such-dir"], "error: cannot make the demo's directory"),
         (["coordinator", "run", "--ledger", "x.db", "--metrics", "9464"],
          "error: --metrics takes HOST:PORT (e.g. 127.0.0.1:9464), got '9464'"),
         (["audit", "t-1", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at"),
@@ -346,6 +348,15 @@ def test_a_bad_policy_is_reported_with_its_location(tmp_path: Path) -> None:
     policy.write_text('[agents.a]\nhandoff_to = ["ghost"]\n')
     done = run_cli("policy", "check", str(policy), timeout=30)
     assert "agents.a.handoff_to: unknown agent 'ghost'" in done.stderr
+
+
+def test_demo_refuses_a_data_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("keep me")
+    done = run_cli("demo", "--data-dir", str(tmp_path / "afile"), timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: --data-dir {tmp_path / 'afile'} is a file, not a "
+                                   "directory; pass a new or demo-made directory")
+    assert (tmp_path / "afile").read_text() == "keep me"
 
 
 def test_demo_refuses_to_wipe_a_directory_it_did_not_make(tmp_path: Path) -> None:
@@ -420,10 +431,14 @@ def test_replay_without_verify_still_tells_a_broken_chain(
                "json_extract(state, '$.kind') = 'message.said')")
     db.commit()
     db.close()
-    done = run_cli("replay", "--ledger", str(ledger))
+    done = run_cli("replay", "--ledger", str(ledger), "--save-checkpoint",
+                   str(tmp_path / "saved.json"))
     assert done.returncode == 0  # only --verify makes it the exit status
-    assert "chains NOT verified ✗" in done.stdout
+    assert "chains NOT verified ✗ (first break at position" in done.stdout
     assert done.stderr.startswith("warning: chain broken at position")
+    assert f"no checkpoint saved to {tmp_path / 'saved.json'}: the chains did not verify" \
+        in done.stderr
+    assert not (tmp_path / "saved.json").exists()
 
 
 def test_unknown_arguments_are_refused_except_by_bench() -> None:

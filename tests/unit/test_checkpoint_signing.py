@@ -172,7 +172,7 @@ def test_replay_checks_each_checkpoint_against_the_recomputed_head() -> None:
         1, msgspec.structs.replace(good, at=3), 0)
     assert chain.link(4, H1) == []
     assert chain.unsigned == 1
-    assert chain.summary() == (f"1 signed checkpoints verified (newest covers position 2; key "
+    assert chain.summary() == (f"1 signed checkpoint verified (newest covers position 2; key "
                                f"{signer.public_key}); 1 events after it")
     assert GlobalChain().summary() == "no signed checkpoint (0 events not covered by a signature)"
     wrong = signer.sign("lm", 3, heads[1])  # the head of position 2, claimed for 3
