@@ -79,8 +79,12 @@ def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_t
                           watch=(subjects.ledger_of_task(task),),
                           verdicts=(subjects.ledger("task", task, "task.submitted"),))
     if event is None:
-        print(f"submitted {task} to {to}; no verdict from the coordinator within {wait:.0f} s "
-              "(is it running?)")
+        print(f"sent {task} to {to}, not recorded yet: no verdict from the coordinator "
+              f"within {wait:.0f} s (is it running?)\n"
+              "  it waits in the intake stream and is recorded once a coordinator reads it: "
+              "no need to send it again\n"
+              f"  watch for it:  ledgermesh tail --nats {nats_url} --task {task} "
+              f"--until-closed")
         return 1
     if event["kind"] == "message.rejected":
         data = event["data"]
@@ -174,7 +178,10 @@ def operator_command(nats_url: str, prefix: str, body: ApproveTool | SuspendAgen
     event = await_verdict(BusSettings.of(nats_url, f"{prefix}_operator", credentials),
                           subjects, envelope, wait, watch=(target,), verdicts=(verdict,))
     if event is None:
-        print(f"sent; no verdict from the coordinator within {wait:.0f} s (is it running?)")
+        print(f"sent, not recorded yet: no verdict from the coordinator within {wait:.0f} s "
+              "(is it running?)\n"
+              "  the command waits in the intake stream and takes effect once a coordinator "
+              "reads it: do not send it again unless you mean it twice")
         return 1
     if event["kind"] == "message.rejected":
         data = event["data"]
