@@ -7,7 +7,8 @@ from typing import Any
 import msgspec
 
 from coordinator.ledger.events import Kind, LedgerEvent, task_aggregate_id
-from coordinator.ledger.replay import verify_history
+from coordinator.ledger.hashcheck import log_pages
+from coordinator.ledger.replay import first_broken, replay
 from coordinator.ledger.store import Ledger, LedgerError
 from ledgermesh.style import Style
 
@@ -47,6 +48,7 @@ class Audit(msgspec.Struct, frozen=True, kw_only=True):
     agents: list[str]
     chain_ok: bool
     chain_problem: str | None
+    broken_from: int | None = None  # the first version the chain does not vouch for
     submitter: str
     path: list[Hop]
     denials: list[Denial]
@@ -56,9 +58,11 @@ class Audit(msgspec.Struct, frozen=True, kw_only=True):
 def audit_task(ledger: Ledger, task_id: str) -> Audit:
     history = ledger.history(task_aggregate_id(task_id))
     if not history:
-        raise LedgerError(f"no task {task_id!r} in this ledger "
-                          "(list tasks with: ledgermesh replay --ledger … --json)")
-    problem = verify_history(history)
+        raise LedgerError(f"no task {task_id!r} in this ledger{_refused_naming(ledger, task_id)}"
+                          " (list the ledger's tasks: ledgermesh audit --ledger …)")
+    broken = first_broken(history)
+    problem = None if broken is None else (
+        f"version {broken[0].originator_version} ({broken[0].kind}): {broken[1]}")
     timeline = [entry for event in history if (entry := _entry(event)) is not None]
     status = "open"
     agents: list[str] = []
@@ -74,8 +78,80 @@ def audit_task(ledger: Ledger, task_id: str) -> Audit:
             status = "failed"
     return Audit(task_id=task_id, status=status, events=len(history), attempts=attempts,
                  agents=agents, chain_ok=problem is None, chain_problem=problem,
+                 broken_from=None if broken is None else broken[0].originator_version,
                  submitter=history[0].sender, path=_path(history),
                  denials=_denials(history), timeline=timeline)
+
+
+def _refused_naming(ledger: Ledger, task_id: str) -> str:
+    """What the ledger refused that named this task (a submission rejected, an operator's
+    command on a task that did not exist): recorded on the sender's record, not a task's."""
+    found: list[str] = []
+    for rows in log_pages(ledger, ledger.last_position(), 2000):
+        for position, _, _, _, state in rows:
+            if b'"message.rejected"' not in state:
+                continue  # (a byte search: most events are not rejections)
+            event = msgspec.json.decode(state)
+            data = event.get("data", {})
+            if event.get("kind") == Kind.REJECTED and data.get("task_id") == task_id:
+                found.append(f"position {position}, from {event.get('sender')}: "
+                             f"{data.get('code')}: {data.get('reason')}")
+    if not found:
+        return ""
+    shown = "; ".join(found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
+    return f"; the ledger refused {len(found)} message(s) naming it ({shown})"
+
+
+class TaskLine(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: str
+    status: str
+    assignments: int
+    agents: list[str]  # every agent assigned, in order
+    submitter: str
+    title: str
+
+
+class TaskList(msgspec.Struct, frozen=True, kw_only=True):
+    tasks: list[TaskLine]  # in the order they were submitted
+    total: int  # tasks in the ledger (``tasks`` may be one agent's)
+    chains_ok: bool
+    first_break: str | None
+
+
+def list_tasks(ledger: Ledger, agent: str | None = None) -> TaskList:
+    """Every task (or every task ``agent`` was assigned), from a replay of the ledger,
+    which also verifies it."""
+    result = replay(ledger)
+    lines = [TaskLine(task_id=t.task_id, status=t.status, assignments=t.attempt,
+                      agents=list(t.participants), submitter=t.submitter, title=t.title)
+             for t in result.tasks.values()
+             if agent is None or agent in t.participants]
+    first = result.breaks[0] if result.breaks else None
+    return TaskList(tasks=lines, total=len(result.tasks), chains_ok=first is None,
+                    first_break=None if first is None else (
+                        f"position {first.position} ({first.aggregate} {first.key}, event "
+                        f"{first.kind}): {first.problem}"))
+
+
+def render_tasks(listed: TaskList, style: Style, agent: str | None) -> list[str]:
+    whose = f" assigned to {agent}" if agent is not None else ""
+    chains = (style.green("chains verified ✓") if listed.chains_ok
+              else style.red(f"chains NOT verified ✗: {listed.first_break}"))
+    lines = [f"{len(listed.tasks)} of {listed.total} tasks{whose}; {chains}"]
+    if not listed.tasks:
+        return lines
+    width = max(len(t.task_id) for t in listed.tasks)
+    lines.append(style.bold(f"{'TASK':<{width}}  {'STATUS':<9}  {'ASSIGNED':>8}  "
+                            f"{'AGENTS':<40}  TITLE"))
+    for t in listed.tasks:
+        lines.append(f"{t.task_id:<{width}}  {t.status:<9}  {t.assignments:>8}  "
+                     f"{_clip(' → '.join(t.agents), 40):<40}  {_quote(t.title)}")
+    lines.append("see one: ledgermesh audit TASK_ID --ledger …")
+    return lines
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _path(history: list[LedgerEvent]) -> list[Hop]:
@@ -199,12 +275,19 @@ def render_audit(audit: Audit, style: Style, indent: str = "") -> list[str]:
                      f"(#{d.version}, {d.rule}{because})")
     for e in audit.timeline:
         arrow = f"→ {e.to:<11}" if e.to else " " * 13
-        kind = f"{e.kind:<9}"
+        kind = f"{e.kind:<10}"
         if e.kind in ("REJECTED", "DENIED", "DEADLETTER"):
             kind = style.red(kind)
         elif e.kind in ("declined", "timeout", "failed"):
             kind = style.yellow(kind)
-        lines.append(f"{indent}#{e.version:<3} {e.actor:<11}{arrow}{kind}  {e.summary}")
+        # From the first broken link on, nothing the chain vouches for: marked, not hidden.
+        unsure = audit.broken_from is not None and e.version >= audit.broken_from
+        mark = style.red("✗") if unsure else " "
+        lines.append(f"{indent}#{e.version:<3}{mark} {e.actor:<11}{arrow}{kind} {e.summary}")
+    if audit.broken_from is not None:
+        lines.append(style.red(f"{indent}✗ not vouched for by the chain: version "
+                               f"{audit.broken_from} on (`ledgermesh replay --verify` "
+                               "tells more)"))
     return lines
 
 

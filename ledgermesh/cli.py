@@ -198,9 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     rag.add_argument("--task", required=True, metavar="TASK_ID", help="the task to replay")
     rag.add_argument("--json", action="store_true", help="print one JSON object")
 
-    aud = commands.add_parser("audit", help="timeline of one task: who did what, and why")
-    aud.add_argument("task_id", metavar="TASK_ID")
+    aud = commands.add_parser(
+        "audit", help="timeline of one task: who did what, and why; or the ledger's tasks",
+        epilog="examples:\n"
+               "  ledgermesh audit --ledger ledger.db                      (every task)\n"
+               "  ledgermesh audit --ledger ledger.db --agent researcher   (its tasks)\n"
+               "  ledgermesh audit t-42 --ledger ledger.db                 (one task)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    aud.add_argument("task_id", metavar="TASK_ID", nargs="?", default=None,
+                     help="the task to tell (default: list the tasks)")
     aud.add_argument("--ledger", required=True, help="SQLite file or postgresql://… URL")
+    aud.add_argument("--agent", default=None, metavar="NAME",
+                     help="list only the tasks this agent was assigned")
     aud.add_argument("--json", action="store_true", help="print one JSON object")
 
     schema = commands.add_parser("schema", help="wire contracts")
@@ -315,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "audit":
         from ledgermesh.inspect import audit_command
 
-        return audit_command(args.task_id, args.ledger, as_json=args.json)
+        return audit_command(args.task_id, args.ledger, agent=args.agent, as_json=args.json)
     if args.command == "schema":
         from ledgermesh.inspect import schema_export
 

@@ -21,9 +21,9 @@ from coordinator.ledger.checkpoints import (
     write_checkpoint,
 )
 from coordinator.ledger.replay import Break, replay
-from coordinator.ledger.store import LedgerError, open_ledger
+from coordinator.ledger.store import Ledger, LedgerError, open_ledger
 from coordinator.policy import load_policy
-from ledgermesh.audit import audit_task, render_audit
+from ledgermesh.audit import audit_task, list_tasks, render_audit, render_tasks
 from ledgermesh.auth import OBSERVER, load_credentials
 from ledgermesh.style import Style, stdout_style
 from schemas import LedgermeshError, Subjects
@@ -169,9 +169,15 @@ def render_replay(report: ReplayReport, style: Style, *, verify: bool) -> list[s
     return lines
 
 
-def audit_command(task_id: str, location: str, *, as_json: bool) -> int:
+def audit_command(task_id: str | None, location: str, *, agent: str | None,
+                  as_json: bool) -> int:
+    if task_id is not None and agent is not None:
+        raise LedgermeshError("give a TASK_ID or --agent, not both: --agent lists the tasks "
+                              "an agent was assigned")
     ledger = open_ledger(location, create=False)
     try:
+        if task_id is None:
+            return _list_tasks(ledger, agent, as_json=as_json)
         audit = audit_task(ledger, task_id)
     finally:
         ledger.close()
@@ -182,6 +188,17 @@ def audit_command(task_id: str, location: str, *, as_json: bool) -> int:
         for line in render_audit(audit, style):
             style.out(line)
     return 0 if audit.chain_ok else 1
+
+
+def _list_tasks(ledger: Ledger, agent: str | None, *, as_json: bool) -> int:
+    listed = list_tasks(ledger, agent)
+    if as_json:
+        print(msgspec.json.encode(listed).decode())
+    else:
+        style = stdout_style()
+        for line in render_tasks(listed, style, agent):
+            style.out(line)
+    return 0 if listed.chains_ok else 1
 
 
 def schema_export(out: Path) -> int:

@@ -138,11 +138,20 @@ def link_problem(event: LedgerEvent, version: int, head: str,
 
 def verify_history(events: list[LedgerEvent]) -> str | None:
     """Check one aggregate's events (from the event store) link up; the first problem."""
+    broken = first_broken(events)
+    if broken is None:
+        return None
+    event, problem = broken
+    return f"version {event.originator_version} ({event.kind}): {problem}"
+
+
+def first_broken(events: list[LedgerEvent]) -> tuple[LedgerEvent, str] | None:
+    """The first of one aggregate's events that does not link up, and why."""
     version, head = 0, GENESIS
     for event in events:
         problem = link_problem(event, version, head)
         if problem is not None:
-            return f"version {event.originator_version} ({event.kind}): {problem}"
+            return event, problem
         version, head = event.originator_version, event.hash
     return None
 

@@ -6,6 +6,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,61 @@ def test_audit_tells_the_story_of_a_task(demo: tuple[dict[str, object], Path]) -
     assert "↩ writer (declined: cite the policy section) → reviewer ✓ completed" in human.stdout
 
 
+def test_audit_lists_the_tasks_and_those_of_one_agent(
+        demo: tuple[dict[str, object], Path]) -> None:
+    _, ledger = demo
+    db = sqlite3.connect(ledger)
+    submitted = [key for (key,) in db.execute(
+        "SELECT json_extract(state, '$.key') FROM stored_events WHERE "
+        "json_extract(state, '$.kind') = 'task.submitted' ORDER BY rowid")]
+    db.close()
+    done = run_cli("audit", "--ledger", str(ledger), "--json")
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    assert [t["task_id"] for t in listed["tasks"]] == submitted
+    assert listed["total"] == len(submitted)
+    assert listed["chains_ok"] is True
+    assert all(t["agents"][:2] == ["triage", "researcher"] for t in listed["tasks"])
+    human = run_cli("audit", "--ledger", str(ledger)).stdout.splitlines()
+    assert human[0] == f"{len(submitted)} of {len(submitted)} tasks; chains verified ✓"
+    assert "triage → researcher → writer → reviewer" in human[2]
+    nobody = json.loads(run_cli("audit", "--ledger", str(ledger), "--agent", "ghost",
+                                "--json").stdout)
+    assert (nobody["tasks"], nobody["total"]) == ([], len(submitted))
+
+
+def test_audit_of_a_task_that_was_never_recorded_names_what_was_refused(
+        demo: tuple[dict[str, object], Path], tmp_path: Path) -> None:
+    """A submission the coordinator rejected (here: to an agent that does not exist) leaves
+    no task; the rejection is on its sender's record, and audit points at it."""
+    _, original = demo
+    ledger = tmp_path / "ledger.db"
+    ledger.write_bytes(original.read_bytes())
+    db = sqlite3.connect(ledger)
+    position = db.execute("SELECT max(rowid) FROM stored_events").fetchone()[0] + 1
+    db.close()
+    from coordinator.ledger.store import open_ledger
+    from coordinator.ledger.writer import IntakeMessage, LedgerWriter
+    from schemas import Codec, Envelope, Subjects, SubmitTask
+    from tests.live import team_policy
+
+    opened = open_ledger(str(ledger), create=False)
+    try:
+        envelope = Envelope(id="m-ghost", sender="client", task_id="t-ghost",
+                            sent_at=datetime.now(UTC), body=SubmitTask(to="ghost", title="?"))
+        writer = LedgerWriter(opened, team_policy(), Subjects("lm"),
+                              lambda: datetime.now(UTC))
+        writer.record([IntakeMessage(10**6, Subjects("lm").intake("client"),
+                                     Codec().encode(envelope), envelope.id)])
+    finally:
+        opened.close()
+    done = run_cli("audit", "t-ghost", "--ledger", str(ledger))
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        f"error: no task 't-ghost' in this ledger; the ledger refused 1 message(s) naming it "
+        f"(position {position}, from client: unknown_agent: no agent named 'ghost'")
+
+
 def test_audit_names_a_refused_tool_call_and_what_tainted_the_task(
         demo: tuple[dict[str, object], Path]) -> None:
     _, ledger = demo
@@ -132,8 +188,8 @@ def test_an_edited_event_is_detected_and_located(demo: tuple[dict[str, object], 
     ledger = tmp_path / "edited.db"
     ledger.write_bytes(original.read_bytes())
     db = sqlite3.connect(ledger)
-    rowid, key = db.execute(
-        "SELECT rowid, json_extract(state, '$.key') FROM stored_events "
+    rowid, key, version = db.execute(
+        "SELECT rowid, json_extract(state, '$.key'), originator_version FROM stored_events "
         "WHERE json_extract(state, '$.kind') = 'message.said' ORDER BY rowid LIMIT 1").fetchone()
     db.execute("UPDATE stored_events SET state = replace(state, 'policy', 'POLICY') "
                "WHERE rowid = ?", (rowid,))
@@ -143,6 +199,11 @@ def test_an_edited_event_is_detected_and_located(demo: tuple[dict[str, object], 
     assert done.returncode == 1
     assert f"chain broken at position {rowid} (task {key}, event message.said)" in done.stderr
     assert "Traceback" not in done.stderr
+    audit = run_cli("audit", key, "--ledger", str(ledger))
+    assert audit.returncode == 1
+    said = next(line for line in audit.stdout.splitlines() if line.startswith(f"#{version} "))
+    assert said.startswith(f"#{version:<3}✗")  # the edited line is marked, not only the header
+    assert audit.stdout.splitlines()[-1].startswith("✗ not vouched for by the chain: version")
 
 
 def test_an_edited_kind_is_located_and_no_agent_is_replayed_on_it(
