@@ -244,6 +244,7 @@ def _coloured(style: Style, kind: str, line: str) -> str:
 
 
 _CLOSED = {"task.completed": 0, "task.failed": 1}  # a task's last word: the exit code
+SILENT_TASK_NOTE_S = 3.0  # tail --task: say so when the task has no event after this long
 
 
 def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start: bool,
@@ -285,6 +286,15 @@ def tail_command(nats_url: str, prefix: str, *, task_id: str | None, from_start:
             if not as_json:
                 print(style.dim(f"following {subject} (Ctrl-C to stop)"), file=sys.stderr)
             seen = 0
+
+            async def note_silence() -> None:  # a mistyped id would wait without a word
+                await anyio.sleep(SILENT_TASK_NOTE_S)
+                if seen == 0:
+                    print(style.dim(f"no event of task {task_id} yet: waiting for it (is the "
+                                    "id right? submitted yet?)"), file=sys.stderr, flush=True)
+
+            if task_id is not None:
+                tg.start_soon(note_silence)
             async for message in receive:
                 record = decode_record(message.data)
                 event = decode_event(record.event)

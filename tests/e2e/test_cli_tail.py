@@ -73,6 +73,16 @@ async def test_tail_until_closed_exits_with_what_became_of_the_task(
             code, kinds = await finished(after)
         assert (code, kinds[-1]) == (1, "task.failed")
 
+        # A task nobody submitted (a mistyped id): it waits, and says why it is silent.
+        async with await anyio.open_process(tail_until_closed(nats_server, prefix, "t-typo"),
+                                            stderr=subprocess.PIPE) as waiting:
+            assert waiting.stderr is not None
+            with anyio.fail_after(20):
+                note = await waiting.stderr.receive()
+            assert waiting.returncode is None
+            waiting.terminate()
+        assert b"no event of task t-typo yet: waiting for it" in note
+
 
 def test_until_closed_without_a_task_is_a_usage_error() -> None:
     done = subprocess.run([sys.executable, "-m", "ledgermesh", "tail", "--until-closed"],
