@@ -227,7 +227,9 @@ def decide_tool_call(principal: str, raw: bytes, env: Envelope, task: TaskState 
                        provenance=decided)
         return [*accepted, requested, denied], ToolVerdict(answer=_denied(rule, reason))
     authorized = Draft(aggregate=Aggregate.TASK, key=env.task_id, kind=Kind.TOOL_AUTHORIZED,
-                       data={"call_id": env.id, "tool": call.tool, "args": call.args},
+                       data={"call_id": env.id, "tool": call.tool, "args": call.args,
+                             "grounds": policy.tool_grounds(env.sender, call.tool,
+                                                            task.labels)},
                        provenance=decided)
     return [*accepted, requested, authorized], ToolVerdict(run=_invocation(env, call, task))
 

@@ -85,6 +85,16 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                              f"(ledgermesh approve {task_id} --tool {tool})")
         return None
 
+    def tool_grounds(self, agent: str, tool: str, labels: list[str]) -> str:
+        """Why the policy lets ``agent`` call ``tool`` now (it has no ``tool_denial``): the
+        rules an auditor would look up, in words."""
+        grounds = f"agents.{agent}.tools lists {tool}"
+        tainted = [label for label in labels if label in self.taint_labels]
+        if self.tools[tool].privileged and tainted:
+            grounds += (f"; privileged on a task labelled {', '.join(tainted)}: an operator "
+                        "approved it on this task")
+        return grounds
+
     def may_submit(self, principal: str) -> bool:
         return principal in self.submitters or principal in self.agents
 

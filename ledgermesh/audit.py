@@ -231,6 +231,8 @@ def _entry(event: LedgerEvent) -> TimelineEntry | None:
         label, summary = "DEADLETTER", data["reason"]
     elif kind == Kind.TOOL_REQUESTED:
         label, summary = "tool", f"{data['tool']} {_args(data['args'])}"
+    elif kind == Kind.TOOL_AUTHORIZED:  # (recorded without its grounds before they were)
+        label, summary = "allowed", f"{data['tool']} — {data.get('grounds', 'by the policy')}"
     elif kind == Kind.TOOL_DENIED:
         label, summary = "DENIED", f"{data['tool']} — {data['rule']}: {data['reason']}"
     elif kind == Kind.TOOL_COMPLETED:

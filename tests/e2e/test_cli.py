@@ -180,6 +180,9 @@ def test_audit_names_a_refused_tool_call_and_what_tainted_the_task(
     human = run_cli("audit", task_id, "--ledger", str(ledger)).stdout
     assert (f"denied: researcher → tool payments.refund (#{denial['version']}, taint; task "
             f"labelled untrusted by kb.search #{labelled['version']})") in human
+    allowed = [(e["actor"], e["summary"]) for e in audit["timeline"] if e["kind"] == "allowed"]
+    assert allowed  # one per search (the researcher may have searched on more than one try)
+    assert set(allowed) == {("coordinator", "kb.search — agents.researcher.tools lists kb.search")}
 
 
 def test_an_edited_event_is_detected_and_located(demo: tuple[dict[str, object], Path],

@@ -162,6 +162,12 @@ async def test_an_operator_approval_lets_the_privileged_tool_run_within_its_limi
     approval = next(e for e in events if e["kind"] == Kind.TOOL_APPROVED)
     assert approval["sender"] == "operator"
     assert approval["data"]["reason"] == "verified"
+    # Each authorization says on what grounds: the allow-list, and the approval.
+    grounds = [e["data"]["grounds"] for e in events if e["kind"] == Kind.TOOL_AUTHORIZED]
+    assert grounds == [
+        "agents.researcher.tools lists kb.search",
+        "agents.researcher.tools lists payments.refund; privileged on a task labelled "
+        "untrusted: an operator approved it on this task"]
 
 
 async def test_argument_limits_and_allow_lists_are_enforced(
