@@ -12,6 +12,8 @@ from coordinator.ledger.replay import first_broken, replay
 from coordinator.ledger.store import Ledger, LedgerError
 from ledgermesh.style import Style
 
+SUMMARY_CHARS = 90  # of a timeline line's summary on a terminal (--json keeps them whole)
+
 
 class TimelineEntry(msgspec.Struct, frozen=True, kw_only=True):
     version: int
@@ -145,7 +147,7 @@ def render_tasks(listed: TaskList, style: Style, agent: str | None) -> list[str]
                             f"{'AGENTS':<40}  TITLE"))
     for t in listed.tasks:
         lines.append(f"{t.task_id:<{width}}  {t.status:<9}  {t.assignments:>8}  "
-                     f"{_clip(' → '.join(t.agents), 40):<40}  {_quote(t.title)}")
+                     f"{_clip(' → '.join(t.agents), 40):<40}  {_quote(t.title, 60)}")
     lines.append("see one: ledgermesh audit TASK_ID --ledger …")
     return lines
 
@@ -255,13 +257,15 @@ def _retry(data: dict[str, Any]) -> str:
     return " — retry scheduled" if data.get("retry_at") else " — no retries left"
 
 
-def _args(args: dict[str, Any], limit: int = 50) -> str:
-    text = ", ".join(f"{k}={v!r}" for k, v in args.items())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _args(args: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in args.items())
 
 
-def _quote(text: str, limit: int = 60) -> str:
-    text = text if len(text) <= limit else text[: limit - 1] + "…"
+def _quote(text: str, limit: int | None = None) -> str:
+    """Quoted; cut to ``limit`` characters if given (summaries are whole: --json keeps
+    them so, the terminal view cuts each line)."""
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
     return f'"{text}"'
 
 
@@ -285,7 +289,8 @@ def render_audit(audit: Audit, style: Style, indent: str = "") -> list[str]:
         # From the first broken link on, nothing the chain vouches for: marked, not hidden.
         unsure = audit.broken_from is not None and e.version >= audit.broken_from
         mark = style.red("✗") if unsure else " "
-        lines.append(f"{indent}#{e.version:<3}{mark} {e.actor:<11}{arrow}{kind} {e.summary}")
+        summary = _clip(e.summary, SUMMARY_CHARS)
+        lines.append(f"{indent}#{e.version:<3}{mark} {e.actor:<11}{arrow}{kind} {summary}")
     if audit.broken_from is not None:
         lines.append(style.red(f"{indent}✗ not vouched for by the chain: version "
                                f"{audit.broken_from} on (`ledgermesh replay --verify` "

@@ -89,6 +89,11 @@ def test_audit_tells_the_story_of_a_task(demo: tuple[dict[str, object], Path]) -
     assert ("reviewer", "declined", "writer") in steps
     assert steps[-1] == ("reviewer", "complete", None)
     assert audit["chain_ok"] is True
+    (result,) = sqlite3.connect(ledger).execute(
+        "SELECT json_extract(state, '$.data.result') FROM stored_events WHERE "
+        "json_extract(state, '$.kind') = 'task.completed' AND "
+        "json_extract(state, '$.key') = ?", (task_id,)).fetchone()
+    assert audit["timeline"][-1]["summary"] == f'"{result}"'  # whole, as recorded
     # The path: every assignment and what led to it. The warranty question is the one
     # whose research attempt crashes its researcher: it is retried.
     (warranty,) = sqlite3.connect(ledger).execute(
