@@ -278,7 +278,9 @@ def decide_timer(task: TaskState, policy: Policy, now: datetime) -> list[Draft]:
         assert task.owner is not None
         first = Draft(aggregate=Aggregate.TASK, key=task.task_id, kind=Kind.TIMED_OUT,
                       data={}, provenance=decided)
-        reason = f"{task.owner} did not finish attempt {task.attempt} by {task.deadline}"
+        # (No attempt number in the words: the data has it, and the task-wide count read
+        # next to "after 3 of 3 attempts", which counts the step's tries, misled.)
+        reason = f"{task.owner} did not finish by {task.deadline}"
         return _failed_attempt(task, policy, now, reason, True, first=first, decided=decided)
     if task.status == "retrying" and task.retry_at is not None \
             and datetime.fromisoformat(task.retry_at) <= now and task.cause is not None:

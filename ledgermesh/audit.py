@@ -225,10 +225,11 @@ def _entry(event: LedgerEvent) -> TimelineEntry | None:
     elif kind == Kind.REJECTED:
         label, summary = "REJECTED", f"{data['code']}: {data['reason']}"
     elif kind == Kind.TIMED_OUT:
-        label, summary = "timeout", (f"{data['agent']} missed the deadline of attempt "
-                                     f"{data['attempt']}" + _retry(data))
+        label, summary = "timeout", (f"{data['agent']} missed its deadline (try "
+                                     f"{data['tries']} of this step)" + _retry(data))
     elif kind == Kind.ATTEMPT_FAILED:
-        label, summary = "failed", f"attempt {data['attempt']}: {data['reason']}" + _retry(data)
+        label, summary = "failed", (f"try {data['tries']} of this step: {data['reason']}"
+                                    + _retry(data))
     elif kind == Kind.DEAD_LETTERED:
         label, summary = "DEADLETTER", data["reason"]
     elif kind == Kind.TOOL_REQUESTED:

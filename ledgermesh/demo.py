@@ -119,8 +119,10 @@ def _notice(event: dict[str, Any]) -> str | None:
     """A line worth showing live: failures handled, policy enforced."""
     data, key = event["data"], short(event["key"], 11)
     if event["kind"] == "attempt.timed_out":
-        return (f"  {key:<12} {data['agent']} missed its deadline on attempt {data['attempt']} "
-                "— retrying (another instance may take it)")
+        again = ("retrying (another instance may take it)" if data.get("retry_at")
+                 else "no tries left")
+        return (f"  {key:<12} {data['agent']} missed its deadline (try {data['tries']} of "
+                f"this step) — {again}")
     if event["kind"] == "tool.denied":
         return (f"  {key:<12} {event['data']['tool']} DENIED ({data['rule']}): task labelled "
                 f"{', '.join(data['task_labels']) or '—'}")

@@ -113,6 +113,9 @@ def test_audit_tells_the_story_of_a_task(demo: tuple[dict[str, object], Path]) -
     assert ("path: client → triage → researcher ⟳ researcher (after a timeout) → writer"
             in human.stdout)
     assert "↩ writer (declined: cite the policy section) → reviewer ✓ completed" in human.stdout
+    # The step's try, not the task-wide attempt number (which read as "attempt 2" for the
+    # researcher's first try).
+    assert "researcher missed its deadline (try 1 of this step) — retry scheduled" in human.stdout
 
 
 def test_audit_lists_the_tasks_and_those_of_one_agent(
