@@ -21,6 +21,7 @@ import agents.examples
 from agents.client import submit_task
 from bus.client import Bus, BusSettings, Observed, open_bus
 from bus.embedded import EmbeddedNats, open_embedded_nats
+from bus.faults import EXIT_CODE as CRASH_EXIT
 from coordinator.ledger.owner import LedgerInUseError, sole_writer
 from coordinator.ledger.replay import replay
 from coordinator.ledger.store import open_ledger
@@ -72,6 +73,7 @@ class DemoResult(msgspec.Struct, frozen=True, kw_only=True):
     ledger: str
     nats_url: str
     seconds: float
+    exited: dict[str, int] = {}  # processes that died while the tasks ran: their exit codes
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Board:
     events: int = 0
     rejected: int = 0
     notices: list[str] = field(default_factory=list)  # what went wrong, as it happened
+    exited: dict[str, int] = field(default_factory=dict)  # processes that died: exit code
 
     def apply(self, event: dict[str, Any]) -> str | None:
         """Fold one relayed event; returns the task id if that task just finished."""
@@ -255,6 +258,7 @@ async def _drive(bus: Bus, client: Bus, subjects: Subjects, count: int, style: S
                               payload={"question": question}, principal=CLIENT,
                               msg_id=str(uuid.uuid4()), clock=utc_now)
         say(f"  submitted {count} tasks to triage")
+        tg.start_soon(_tell_exits, children, board, style, say)
         with anyio.move_on_after(timeout) as scope:
             async for message in receive:
                 record = decode_record(message.data)
@@ -284,6 +288,24 @@ async def _drive(bus: Bus, client: Bus, subjects: Subjects, count: int, style: S
                         + (f"; exited: {', '.join(dead)}" if dead else "")
                         + f"; see logs in {children[0].log_file.parent}")
     return board
+
+
+async def _tell_exits(children: list[Child], board: Board, style: Style, say: Any) -> None:
+    """Say when a process dies while the tasks run: the ledger sees only what follows
+    (deadlines passing), so the cause would be in its log alone."""
+    while True:
+        for child in children:
+            code = child.process.poll()
+            if code is None or child.name in board.exited:
+                continue
+            board.exited[child.name] = code
+            why = (" at the demo's planted crash point: the deliveries it held wait for "
+                   "their deadlines, then go to another instance" if code == CRASH_EXIT
+                   else f"; see {child.log_file}")
+            if style.live:
+                sys.stdout.write("\r\033[K")
+            say(style.yellow(f"  {child.name} (pid {child.pid}) exited with code {code}{why}"))
+        await anyio.sleep(0.2)
 
 
 def _bar(done: int, total: int, seconds: float, width: int = 40) -> str:
@@ -336,4 +358,5 @@ def _finish(ledger_path: Path, board: Board, count: int, style: Style, say: Any,
     return DemoResult(tasks_submitted=count, tasks_completed=completed, tasks_failed=failed,
                       events=rebuilt.events, rejected=rejected, digest=rebuilt.digest,
                       verified=rebuilt.verified, unsigned=unsigned, ledger=str(ledger_path),
-                      nats_url=nats_server.url, seconds=round(time.monotonic() - started, 3))
+                      nats_url=nats_server.url, seconds=round(time.monotonic() - started, 3),
+                      exited=board.exited)

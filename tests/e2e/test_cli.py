@@ -47,7 +47,7 @@ def test_demo_completes_every_task_and_verifies(demo: tuple[dict[str, object], P
 def test_demo_tells_the_crash_and_the_denial(demo: tuple[dict[str, object], Path]) -> None:
     """A researcher process dies mid-task (a crash point), the deadline passes, the task is
     retried on the other instance; the planted refund instruction is refused by policy."""
-    _, ledger = demo
+    result, ledger = demo
     db = sqlite3.connect(ledger)
     kinds = db.execute("SELECT json_extract(state, '$.kind'), json_extract(state, '$.data') "
                        "FROM stored_events ORDER BY rowid").fetchall()
@@ -55,6 +55,11 @@ def test_demo_tells_the_crash_and_the_denial(demo: tuple[dict[str, object], Path
     timeouts = [json.loads(d) for k, d in kinds if k == "attempt.timed_out"]
     assert timeouts
     assert all(t["agent"] == "researcher" for t in timeouts)
+    # The cause, which the ledger cannot see: one researcher instance died at its crash point.
+    exited = result["exited"]
+    assert isinstance(exited, dict)
+    assert list(exited.values()) == [86]
+    assert next(iter(exited)) in ("researcher", "researcher-2")
     denials = [json.loads(d) for k, d in kinds if k == "tool.denied"]
     assert denials
     assert {d["rule"] for d in denials} == {"taint"}
