@@ -6,7 +6,12 @@ from typing import Any
 
 import msgspec
 
-from coordinator.ledger.events import Kind, LedgerEvent, task_aggregate_id
+from coordinator.ledger.events import (
+    Kind,
+    LedgerEvent,
+    principal_aggregate_id,
+    task_aggregate_id,
+)
 from coordinator.ledger.hashcheck import log_pages
 from coordinator.ledger.replay import first_broken, replay
 from coordinator.ledger.store import Ledger, LedgerError
@@ -113,11 +118,22 @@ class TaskLine(msgspec.Struct, frozen=True, kw_only=True):
     title: str
 
 
+class RecordLine(msgspec.Struct, frozen=True, kw_only=True):
+    """One event of a principal's own record: what it said that was refused, its
+    suspensions and resumptions, the messages its rate limit dropped."""
+
+    version: int
+    kind: str
+    summary: str
+    recorded_at: str
+
+
 class TaskList(msgspec.Struct, frozen=True, kw_only=True):
     tasks: list[TaskLine]  # in the order they were submitted
     total: int  # tasks in the ledger (``tasks`` may be one agent's)
     chains_ok: bool
     first_break: str | None
+    record: list[RecordLine] = []  # with --agent: the agent's own record
 
 
 def list_tasks(ledger: Ledger, agent: str | None = None) -> TaskList:
@@ -129,10 +145,33 @@ def list_tasks(ledger: Ledger, agent: str | None = None) -> TaskList:
              for t in result.tasks.values()
              if agent is None or agent in t.participants]
     first = result.breaks[0] if result.breaks else None
+    record = [] if agent is None else [
+        line for event in ledger.history(principal_aggregate_id(agent))
+        if (line := _record_line(event)) is not None]
     return TaskList(tasks=lines, total=len(result.tasks), chains_ok=first is None,
                     first_break=None if first is None else (
                         f"position {first.position} ({first.aggregate} {first.key}, event "
-                        f"{first.kind}): {first.problem}"))
+                        f"{first.kind}): {first.problem}"),
+                    record=record)
+
+
+def _record_line(event: LedgerEvent) -> RecordLine | None:
+    data: dict[str, Any] = event.data
+    if event.kind == Kind.REJECTED:
+        # (an agent command names no task: "-")
+        on = f" on task {data['task_id']}" if data.get("task_id") not in (None, "-") else ""
+        summary = f"refused{on}: {data['code']}: {data['reason']}"
+    elif event.kind == Kind.SUSPENDED:
+        summary = f"suspended by {data['by']}: {data['reason'] or '(no reason given)'}"
+    elif event.kind == Kind.RESUMED:
+        summary = f"resumed by {data['by']}"
+    elif event.kind == Kind.THROTTLED:
+        summary = (f"rate limit dropped {data['count']} message(s) from {data['since']} "
+                   f"to {data['until']}")
+    else:
+        return None
+    return RecordLine(version=event.originator_version, kind=event.kind, summary=summary,
+                      recorded_at=event.recorded_at)
 
 
 def render_tasks(listed: TaskList, style: Style, agent: str | None) -> list[str]:
@@ -141,7 +180,7 @@ def render_tasks(listed: TaskList, style: Style, agent: str | None) -> list[str]
               else style.red(f"chains NOT verified ✗: {listed.first_break}"))
     lines = [f"{len(listed.tasks)} of {listed.total} tasks{whose}; {chains}"]
     if not listed.tasks:
-        return lines
+        return lines + _render_record(listed.record, style, agent)
     width = max(len(t.task_id) for t in listed.tasks)
     lines.append(style.bold(f"{'TASK':<{width}}  {'STATUS':<9}  {'ASSIGNED':>8}  "
                             f"{'AGENTS':<40}  TITLE"))
@@ -149,6 +188,18 @@ def render_tasks(listed: TaskList, style: Style, agent: str | None) -> list[str]
         lines.append(f"{t.task_id:<{width}}  {t.status:<9}  {t.assignments:>8}  "
                      f"{_clip(' → '.join(t.agents), 40):<40}  {_quote(t.title, 60)}")
     lines.append("see one: ledgermesh audit TASK_ID --ledger …")
+    return lines + _render_record(listed.record, style, agent)
+
+
+def _render_record(record: list[RecordLine], style: Style, agent: str | None) -> list[str]:
+    if agent is None:
+        return []
+    if not record:
+        return [f"{agent}'s own record: nothing refused, never suspended"]
+    lines = [f"{agent}'s own record ({len(record)} events):"]
+    for r in record:
+        text = f"  {r.recorded_at[:19]}  {_clip(r.summary, SUMMARY_CHARS)}"
+        lines.append(style.yellow(text) if r.kind != Kind.RESUMED else text)
     return lines
 
 

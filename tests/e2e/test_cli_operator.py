@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -99,6 +100,22 @@ async def test_operator_commands_are_recorded_or_refused_clearly(
     assert coordinator["last_rejection"]["client"].startswith("not_operator: ")
     assert coordinator["throttled"] == {}
     assert "principal client\n  1 output(s) rejected · last: not_operator: " in human.stdout
+
+    # The audit of an agent shows its own record beside its tasks; a client's, its refusal.
+    def audit_of(agent: str) -> dict[str, Any]:
+        done = subprocess.run([sys.executable, "-m", "ledgermesh", "audit", "--ledger",
+                               str(running), "--agent", agent, "--json"],
+                              capture_output=True, text=True, timeout=60, check=True)
+        found: dict[str, Any] = json.loads(done.stdout)
+        return found
+
+    audit = await anyio.to_thread.run_sync(audit_of, "writer")
+    assert [(r["kind"], r["summary"]) for r in audit["record"]] == [
+        ("agent.suspended", "suspended by operator: looping"),
+        ("agent.resumed", "resumed by operator")]
+    audit = await anyio.to_thread.run_sync(audit_of, "client")
+    [refused] = audit["record"]
+    assert refused["summary"].startswith("refused: not_operator: ")
 
 
 async def test_status_without_a_coordinator_says_so(nats_server: EmbeddedNats, prefix: str) -> None:
