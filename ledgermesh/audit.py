@@ -70,24 +70,45 @@ def audit_task(ledger: Ledger, task_id: str) -> Audit:
     broken = first_broken(history)
     problem = None if broken is None else (
         f"version {broken[0].originator_version} ({broken[0].kind}): {broken[1]}")
-    timeline = [entry for event in history if (entry := _entry(event)) is not None]
+    timeline = [entry for event in history if (entry := _readable_entry(event)) is not None]
     status = "open"
     agents: list[str] = []
     attempts = 0
-    for event in history:
-        if event.kind == Kind.ASSIGNED:
-            attempts = event.data["attempt"]
-            if event.data["agent"] not in agents:
-                agents.append(event.data["agent"])
-        elif event.kind == Kind.COMPLETED:
-            status = "completed"
-        elif event.kind == Kind.FAILED:
-            status = "failed"
+    try:
+        for event in history:
+            if event.kind == Kind.ASSIGNED:
+                attempts = event.data["attempt"]
+                if event.data["agent"] not in agents:
+                    agents.append(event.data["agent"])
+            elif event.kind == Kind.COMPLETED:
+                status = "completed"
+            elif event.kind == Kind.FAILED:
+                status = "failed"
+        path, denials = _path(history), _denials(history)
+    except _UNFOLDABLE:
+        if broken is None:
+            raise  # data the coordinator wrote and cannot read back: a bug, not an edit
+        path, denials = [], []  # an edited record: its timeline says where
     return Audit(task_id=task_id, status=status, events=len(history), attempts=attempts,
                  agents=agents, chain_ok=problem is None, chain_problem=problem,
                  broken_from=None if broken is None else broken[0].originator_version,
-                 submitter=history[0].sender, path=_path(history),
-                 denials=_denials(history), timeline=timeline)
+                 submitter=history[0].sender, path=path, denials=denials,
+                 timeline=timeline)
+
+
+# What reading an event's data as its kind says raises when the data is not that kind's.
+_UNFOLDABLE = (KeyError, TypeError, ValueError, AttributeError)
+
+
+def _readable_entry(event: LedgerEvent) -> TimelineEntry | None:
+    try:
+        return _entry(event)
+    except _UNFOLDABLE as exc:
+        return TimelineEntry(version=event.originator_version, kind=event.kind,
+                             actor=event.sender, to=None,
+                             summary=f"(its data does not fit its kind: {type(exc).__name__} "
+                                     f"{exc})", msg_id=event.msg_id,
+                             recorded_at=event.recorded_at)
 
 
 def _refused_naming(ledger: Ledger, task_id: str) -> str:
@@ -98,9 +119,13 @@ def _refused_naming(ledger: Ledger, task_id: str) -> str:
         for position, _, _, _, state in rows:
             if b'"message.rejected"' not in state:
                 continue  # (a byte search: most events are not rejections)
-            event = msgspec.json.decode(state)
-            data = event.get("data", {})
-            if event.get("kind") == Kind.REJECTED and data.get("task_id") == task_id:
+            try:
+                event = msgspec.json.decode(state)
+            except msgspec.DecodeError:
+                continue  # a damaged row: replay --verify is the place to say so
+            data = event.get("data") if isinstance(event, dict) else None
+            if (isinstance(data, dict) and event.get("kind") == Kind.REJECTED
+                    and data.get("task_id") == task_id):
                 found.append(f"position {position}, from {event.get('sender')}: "
                              f"{data.get('code')}: {data.get('reason')}")
     if not found:

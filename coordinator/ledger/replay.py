@@ -260,9 +260,9 @@ class _Fold:
                 # Data the coordinator never writes (an edited kind, a missing field): the
                 # hash check says the event was changed; if its hash was made to match,
                 # the fold says what it met.
+                why = f"stored event cannot be folded: {type(exc).__name__} {exc}"
                 self.unfoldable.append(Break(position, event.aggregate, event.key, event.kind,
-                                   f"stored event cannot be folded: {type(exc).__name__} "
-                                   f"{exc}"))
+                                             why))
 
 
 def _merged(folded: _Fold, checked: HashCheck) -> list[Break]:

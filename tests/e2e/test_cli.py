@@ -249,6 +249,11 @@ def test_an_edited_kind_is_located_and_no_agent_is_replayed_on_it(
     assert replayed.stderr.startswith(
         f"error: the chain of task {key!r} is broken at version {version} (tool.authorized)")
     assert "nothing replayed" in replayed.stderr
+    audit = run_cli("audit", key, "--ledger", str(ledger))
+    assert audit.returncode == 1, audit.stderr
+    assert f"chain BROKEN: version {version} (tool.authorized)" in audit.stdout
+    edited = next(line for line in audit.stdout.splitlines() if line.startswith(f"#{version} "))
+    assert "(its data does not fit its kind: KeyError 'tool')" in edited
 
 
 def test_export_writes_every_event_as_a_line(demo: tuple[dict[str, object], Path],
