@@ -198,19 +198,28 @@ def test_audit_names_a_refused_tool_call_and_what_tainted_the_task(
     assert set(allowed) == {("coordinator", "kb.search — agents.researcher.tools lists kb.search")}
 
 
-def test_an_edited_event_is_detected_and_located(demo: tuple[dict[str, object], Path],
-                                                 tmp_path: Path) -> None:
-    _, original = demo
+def edited_copy(original: Path, tmp_path: Path, where: str, old: str,
+                new: str) -> tuple[Path, int, str, int]:
+    """A copy of the ledger with ``old`` replaced by ``new`` in the first event ``where``
+    (SQL) holds: the copy, and the event's position, task and version."""
     ledger = tmp_path / "edited.db"
     ledger.write_bytes(original.read_bytes())
     db = sqlite3.connect(ledger)
     rowid, key, version = db.execute(
         "SELECT rowid, json_extract(state, '$.key'), originator_version FROM stored_events "
-        "WHERE json_extract(state, '$.kind') = 'message.said' ORDER BY rowid LIMIT 1").fetchone()
-    db.execute("UPDATE stored_events SET state = replace(state, 'policy', 'POLICY') "
-               "WHERE rowid = ?", (rowid,))
+        f"WHERE {where} ORDER BY rowid LIMIT 1").fetchone()
+    db.execute("UPDATE stored_events SET state = replace(state, ?, ?) WHERE rowid = ?",
+               (old, new, rowid))
     db.commit()
     db.close()
+    return ledger, rowid, key, version
+
+
+def test_an_edited_event_is_detected_and_located(demo: tuple[dict[str, object], Path],
+                                                 tmp_path: Path) -> None:
+    _, original = demo
+    ledger, rowid, key, version = edited_copy(
+        original, tmp_path, "json_extract(state, '$.kind') = 'message.said'", "policy", "POLICY")
     done = run_cli("replay", "--ledger", str(ledger), "--verify")
     assert done.returncode == 1
     assert f"chain broken at position {rowid} (task {key}, event message.said)" in done.stderr
@@ -227,17 +236,10 @@ def test_an_edited_kind_is_located_and_no_agent_is_replayed_on_it(
     """An event's kind changed to one whose data it lacks: a located break, not a
     traceback; replay-agent refuses to compare code with an edited record."""
     _, original = demo
-    ledger = tmp_path / "edited.db"
-    ledger.write_bytes(original.read_bytes())
-    db = sqlite3.connect(ledger)
-    rowid, key, version = db.execute(
-        "SELECT rowid, json_extract(state, '$.key'), originator_version FROM stored_events "
-        "WHERE json_extract(state, '$.kind') = 'handoff.requested' AND "
-        "json_extract(state, '$.sender') = 'researcher' ORDER BY rowid LIMIT 1").fetchone()
-    db.execute("UPDATE stored_events SET state = replace(state, '\"handoff.requested\"', "
-               "'\"tool.authorized\"') WHERE rowid = ?", (rowid,))
-    db.commit()
-    db.close()
+    ledger, rowid, key, version = edited_copy(
+        original, tmp_path, "json_extract(state, '$.kind') = 'handoff.requested' AND "
+        "json_extract(state, '$.sender') = 'researcher'", '"handoff.requested"',
+        '"tool.authorized"')
     done = run_cli("replay", "--ledger", str(ledger), "--verify")
     assert done.returncode == 1
     assert (f"chain broken at position {rowid} (task {key}, event tool.authorized): stored "
@@ -300,12 +302,7 @@ def test_export_never_writes_over_a_ledger(demo: tuple[dict[str, object], Path],
 def test_export_stops_at_a_damaged_row_and_leaves_no_file(
         demo: tuple[dict[str, object], Path], tmp_path: Path) -> None:
     _, original = demo
-    ledger = tmp_path / "damaged.db"
-    ledger.write_bytes(original.read_bytes())
-    db = sqlite3.connect(ledger)
-    db.execute("UPDATE stored_events SET state = substr(state, 1, 40) WHERE rowid = 7")
-    db.commit()
-    db.close()
+    ledger, *_ = edited_copy(original, tmp_path, "rowid = 7", '"kind":', '"kind"')  # no JSON
     out = tmp_path / "export.jsonl"
     done = run_cli("export", "--ledger", str(ledger), "--out", str(out))
     assert done.returncode == 2
@@ -505,14 +502,8 @@ def test_a_truncated_ledger_is_caught_by_a_saved_checkpoint(
 def test_replay_without_verify_still_tells_a_broken_chain(
         demo: tuple[dict[str, object], Path], tmp_path: Path) -> None:
     _, original = demo
-    ledger = tmp_path / "edited.db"
-    ledger.write_bytes(original.read_bytes())
-    db = sqlite3.connect(ledger)
-    db.execute("UPDATE stored_events SET state = replace(state, 'policy', 'POLICY') "
-               "WHERE rowid = (SELECT max(rowid) FROM stored_events WHERE "
-               "json_extract(state, '$.kind') = 'message.said')")
-    db.commit()
-    db.close()
+    ledger, *_ = edited_copy(original, tmp_path, "json_extract(state, '$.kind') = 'message.said'",
+                             "policy", "POLICY")
     done = run_cli("replay", "--ledger", str(ledger), "--save-checkpoint",
                    str(tmp_path / "saved.json"))
     assert done.returncode == 0  # only --verify makes it the exit status

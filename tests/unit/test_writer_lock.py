@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bus.embedded import free_port
-from coordinator.ledger.owner import LedgerInUseError, _PostgresLock, sole_writer
+from coordinator.ledger.owner import LedgerInUseError, WriterLock, _PostgresLock, sole_writer
 from coordinator.ledger.store import LedgerError
 
 
@@ -48,30 +49,39 @@ def _lock_elsewhere(path: Path) -> int:
     return fd
 
 
-def test_a_lock_file_removed_under_a_coordinator_is_locked_again_at_its_check(
-        tmp_path: Path) -> None:
+@pytest.fixture
+def lock_file_removed(tmp_path: Path) -> Iterator[tuple[str, WriterLock, Path]]:
+    """A ledger whose running coordinator's lock file was just deleted."""
     ledger = str(tmp_path / "ledger.db")
-    lock_file = tmp_path / "ledger.db.lock"
     with sole_writer(ledger) as lock:
+        lock_file = tmp_path / "ledger.db.lock"
         lock_file.unlink()
-        lock.check()
-        assert f"pid {os.getpid()}" in lock_file.read_text()
-        with pytest.raises(LedgerInUseError, match=f"pid {os.getpid()}"), sole_writer(ledger):
-            pass
-        lock.check()  # the file it holds: nothing to do
-    other = _lock_elsewhere(lock_file)  # released with the block
-    os.close(other)
+        yield ledger, lock, lock_file
+
+
+def test_a_lock_file_removed_under_a_coordinator_is_locked_again_at_its_check(
+        lock_file_removed: tuple[str, WriterLock, Path]) -> None:
+    ledger, lock, lock_file = lock_file_removed
+    lock.check()
+    assert f"pid {os.getpid()}" in lock_file.read_text()
+    with pytest.raises(LedgerInUseError, match=f"pid {os.getpid()}"), sole_writer(ledger):
+        pass
+    lock.check()  # the file it holds: nothing to do
 
 
 def test_a_coordinator_whose_lock_file_was_taken_by_another_stops_at_its_check(
-        tmp_path: Path) -> None:
+        lock_file_removed: tuple[str, WriterLock, Path]) -> None:
+    _, lock, lock_file = lock_file_removed
+    other = _lock_elsewhere(lock_file)  # a second coordinator, started in the gap
+    try:
+        with pytest.raises(LedgerInUseError, match="exactly one coordinator"):
+            lock.check()
+    finally:
+        os.close(other)
+
+
+def test_the_lock_is_released_with_its_block(tmp_path: Path) -> None:
     ledger = str(tmp_path / "ledger.db")
-    lock_file = tmp_path / "ledger.db.lock"
-    with sole_writer(ledger) as lock:
-        lock_file.unlink()
-        other = _lock_elsewhere(lock_file)  # a second coordinator, started in the gap
-        try:
-            with pytest.raises(LedgerInUseError, match="exactly one coordinator"):
-                lock.check()
-        finally:
-            os.close(other)
+    with sole_writer(ledger):
+        pass
+    os.close(_lock_elsewhere(tmp_path / "ledger.db.lock"))  # (BlockingIOError if still held)
