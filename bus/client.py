@@ -732,6 +732,17 @@ class Bus:
         ``wait`` seconds (each instance answers a ping)."""
         return len(await self._gather(f"$SRV.PING.{service}", wait))
 
+    async def service_infos(self, service: str, wait: float = 0.3) -> list[dict[str, Any]]:
+        """The ``$SRV.INFO`` replies (name, id, metadata, …) of every live instance of a
+        NATS micro service within ``wait`` seconds."""
+        infos = []
+        for data in await self._gather(f"$SRV.INFO.{service}", wait):
+            with suppress(msgspec.DecodeError):
+                info = msgspec.json.decode(data)
+                if isinstance(info, dict):
+                    infos.append(info)
+        return infos
+
     async def service_statuses(self, service: str, wait: float = 0.3) -> list[bytes]:
         """The replies of every instance's ``status`` endpoint within ``wait`` seconds."""
         return await self._gather(f"{service}.status", wait)

@@ -23,8 +23,8 @@ from coordinator.intake import serve_intake
 from coordinator.ledger.checkpoints import Checkpointer, load_signer
 from coordinator.ledger.events import LedgerEvent
 from coordinator.ledger.feed import CommitFeed
-from coordinator.ledger.owner import WriterLock, sole_writer
-from coordinator.ledger.store import Ledger, is_postgres, open_ledger
+from coordinator.ledger.owner import LedgerInUseError, WriterLock, holder_name, sole_writer
+from coordinator.ledger.store import Ledger, is_postgres, open_ledger, redacted
 from coordinator.ledger.writer import LedgerWriter
 from coordinator.ledger_writes import LedgerWrites
 from coordinator.metrics import serve_metrics
@@ -65,6 +65,21 @@ async def run_coordinator(settings: CoordinatorSettings, *,
                           task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     with sole_writer(settings.ledger) as lock:
         await _run(settings, lock, task_status)
+
+
+async def _refuse_a_second_coordinator(bus: Bus, subjects: Subjects) -> None:
+    """The ledger's lock keeps two coordinators off one ledger; this keeps a second one,
+    on another ledger (a wrong path, another working directory), off the same NATS and
+    prefix, where it would read the whole intake into a ledger of its own. A coordinator
+    that died answers nothing; two starting in the same instant are not told apart."""
+    others = await bus.service_infos(subjects.service("coordinator"))
+    if others:
+        meta = others[0].get("metadata") or {}
+        raise LedgerInUseError(
+            f"another coordinator already serves prefix {subjects.prefix!r} on this NATS "
+            f"({meta.get('holder', 'unknown process')}, ledger {meta.get('ledger', '?')}): a "
+            "deployment has exactly one coordinator; stop that one first, or use another "
+            "--prefix")
 
 
 async def _keep_the_lock(lock: WriterLock, every_s: float = LOCK_CHECK_S) -> None:
@@ -115,6 +130,7 @@ async def _run(settings: CoordinatorSettings, lock: WriterLock,
         bus_settings = BusSettings.of(settings.nats_url, subjects.service("coordinator"),
                                       settings.credentials)
         async with open_bus(bus_settings, on_bus_event) as bus:
+            await _refuse_a_second_coordinator(bus, subjects)
             await bus.ensure_streams(streams(subjects, settings.policy.max_payload_bytes))
             # A consumer made anew starts after what the ledger holds, unless the stream
             # holds less (it lost its tail in a crash before its sync): then after its end,
@@ -149,7 +165,9 @@ async def _run(settings: CoordinatorSettings, lock: WriterLock,
                     if settings.metrics is not None:
                         await tg.start(serve_metrics, health, subjects.prefix, *settings.metrics)
                     await bus.add_service(subjects.service("coordinator"), "0.1.0",
-                                          "ledgermesh coordinator", {"prefix": subjects.prefix},
+                                          "ledgermesh coordinator",
+                                          {"prefix": subjects.prefix, "holder": holder_name(),
+                                           "ledger": redacted(settings.ledger)},
                                           lambda: msgspec.json.encode(health.report()))
                     log.info("coordinator ready: ledger %s, intake position %d",
                              settings.ledger, writer.position)

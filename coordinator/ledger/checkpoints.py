@@ -199,7 +199,8 @@ def signing_key_path(ledger_location: str) -> Path | None:
     """Where the generated key of a SQLite ledger lives; None for PostgreSQL."""
     if is_postgres(ledger_location):
         return None
-    return Path(ledger_location + SIGNING_KEY_SUFFIX)
+    # Beside the file itself: a symlink to the ledger finds the ledger's key, not a new one.
+    return Path(os.path.realpath(ledger_location) + SIGNING_KEY_SUFFIX)
 
 
 def read_signer(path: Path) -> Signer:

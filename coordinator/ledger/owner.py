@@ -71,7 +71,8 @@ class _FileLock:
 
     def __init__(self, location: str) -> None:
         self._location = location
-        self._path = Path(f"{location}.lock")
+        # Beside the file itself: a symlink to a ledger names the same lock as the ledger.
+        self._path = Path(f"{os.path.realpath(location)}.lock")
         self._fd = -1
 
     def acquire(self) -> None:

@@ -190,7 +190,7 @@ def check_location(location: str) -> None:
     """LedgerError unless ``location`` is a SQLite file path or a postgresql:// URL."""
     if not is_postgres(location) and "://" in location:
         # Not a path: taken as one, "sqlite:///x.db" would create a directory "sqlite:".
-        raise LedgerError(f"unsupported ledger location {_redact(location)}: give a SQLite "
+        raise LedgerError(f"unsupported ledger location {redacted(location)}: give a SQLite "
                           "file path (e.g. ledgermesh-data/ledger.db) or a postgresql:// URL")
 
 
@@ -210,13 +210,13 @@ def open_ledger(location: str, *, create: bool) -> Ledger:
     try:
         ledger = Ledger(env=ledger_env(location, create))
     except Exception as exc:  # eventsourcing wraps driver errors in its own types
-        raise LedgerError(f"cannot open ledger at {_redact(location)}: {exc}") from exc
+        raise LedgerError(f"cannot open ledger at {redacted(location)}: {exc}") from exc
     if postgres and not create:
         try:
             ledger.last_position()
         except ProgrammingError:
             ledger.close()
-            raise LedgerError(f"no ledger at {_redact(location)} (no ledgermesh tables "
+            raise LedgerError(f"no ledger at {redacted(location)} (no ledgermesh tables "
                               "in that database/schema)") from None
     return ledger
 
@@ -237,7 +237,8 @@ def _check_sqlite_ledger(path: Path, empty_ok: bool) -> None:
                           "no stored_events table)")
 
 
-def _redact(location: str) -> str:
+def redacted(location: str) -> str:
+    """The location without its password, to show or log."""
     url = urlsplit(location)
     if url.password:
         return location.replace(f":{url.password}@", ":***@")

@@ -179,3 +179,25 @@ async def test_a_second_coordinator_on_a_running_ledger_is_refused(
     assert second.returncode == 2, second.stderr
     assert f"is being written by {holder.strip()}" in second.stderr
     assert "Traceback" not in second.stderr
+    # Through a symlink: the same ledger, the same lock.
+    link = running.with_name("link.db")
+    link.symlink_to(running)
+    second = await cli(nats_server, prefix, "coordinator", "run", "--ledger", str(link),
+                       "--config", str(POLICY))
+    assert second.returncode == 2, second.stderr
+    assert f"is being written by {holder.strip()}" in second.stderr
+    assert not link.with_name("link.db.signing.nk").exists()
+
+
+async def test_a_second_coordinator_on_another_ledger_but_the_same_nats_is_refused(
+        running: Path, nats_server: EmbeddedNats, prefix: str) -> None:
+    """Another ledger file (a wrong relative path, another working directory) on the same
+    NATS and prefix would read the whole intake into a ledger of its own."""
+    holder = running.with_name("ledger.db.lock").read_text().strip()
+    elsewhere = running.with_name("elsewhere.db")
+    second = await cli(nats_server, prefix, "coordinator", "run", "--ledger", str(elsewhere),
+                       "--config", str(POLICY))
+    assert second.returncode == 2, second.stderr
+    assert (f"error: another coordinator already serves prefix {prefix!r} on this NATS "
+            f"({holder}, ledger {running})") in second.stderr
+    assert "Traceback" not in second.stderr
