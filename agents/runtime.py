@@ -24,7 +24,15 @@ from agents.sdk import Agent, Context
 from bus.client import Bus, BusError, BusSettings, Credentials, Inbound, PendingAck, open_bus
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer
-from schemas import Codec, Envelope, MalformedMessageError, Subjects, ToolOutcome, pack
+from schemas import (
+    Codec,
+    Envelope,
+    LedgermeshError,
+    MalformedMessageError,
+    Subjects,
+    ToolOutcome,
+    pack,
+)
 
 log = logging.getLogger("ledgermesh.agent")
 _outcome = msgspec.json.Decoder(ToolOutcome)
@@ -197,11 +205,13 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
     consumer = agent_consumer(subjects, agent.name)
     bus_settings = BusSettings.of(settings.nats_url, subjects.service(agent.name),
                                   settings.credentials)
-    async with open_bus(bus_settings) as bus:
+    refused = _Refusals(agent.name)
+    async with open_bus(bus_settings, refused.note) as bus:
         # Streams and this agent's consumer are the coordinator's to create (from the
         # policy); until they exist the pull loop waits and says so.
         send, receive = anyio.create_memory_object_stream[Inbound](max_buffer_size=concurrency)
         async with anyio.create_task_group() as tg:
+            tg.start_soon(refused.stop_on_denial)
             receipts = Receipts(bus, subjects.receipt(agent.name), subjects.intake(agent.name),
                                 settings.clock, settings.receipt_wait_s)
             await tg.start(receipts.serve)  # listening before anything is published
@@ -225,6 +235,35 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
                                   status)
             log.info("%s ready (%d workers)", agent.name, concurrency)
             task_status.started()
+
+
+class AgentDeniedError(LedgermeshError):
+    """NATS refuses this agent what it cannot work without."""
+
+
+class _Refusals:
+    """Watches the connection's errors for a refusal no retry will cure: pulling its own
+    deliveries, or publishing on its own intake (a seed that is another principal's, or a
+    NATS config without this agent). It would otherwise say "ready" and never work."""
+
+    def __init__(self, agent: str) -> None:
+        self._agent = agent
+        self._denied: str | None = None
+        self._event = anyio.Event()
+
+    def note(self, text: str) -> None:
+        lowered = text.lower()
+        if "permissions violation for publish" in lowered and (
+                ".msg.next." in lowered or ".intake." in lowered):
+            self._denied = text.removeprefix("error: ").strip()
+            self._event.set()
+
+    async def stop_on_denial(self) -> None:
+        await self._event.wait()
+        raise AgentDeniedError(
+            f"NATS refuses what agent {self._agent} needs ({self._denied}): its --nkey is "
+            f"not {self._agent}'s, or the server's auth config was generated from a policy "
+            f"without {self._agent} (ledgermesh auth generate)")
 
 
 async def _work(agent: Agent, receive: anyio.abc.ObjectReceiveStream[Inbound],

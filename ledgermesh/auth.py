@@ -470,7 +470,14 @@ def load_credentials(nkey: Path | None, subjects: Subjects,
             return None
         nkey = Path(env)
     seed = read_seed(nkey)
-    who = principal or nkey.name.removesuffix(SEED_SUFFIX)
+    named = nkey.name.removesuffix(SEED_SUFFIX)
+    if principal is not None and named != principal and (nkey.parent / f"{principal}"
+                                                         f"{SEED_SUFFIX}").is_file():
+        # Another principal's seed from the same directory: a mix-up that would connect,
+        # then be refused every subject this process needs, without end.
+        raise AuthConfigError(f"{nkey} is {named}'s seed, and this process is {principal}: "
+                              f"give --nkey {nkey.parent / (principal + SEED_SUFFIX)}")
+    who = principal or named
     if not is_token(who):
         raise AuthConfigError(f"cannot tell the principal from the seed file name {nkey.name!r}: "
                               f"name it <principal>{SEED_SUFFIX}")

@@ -141,6 +141,31 @@ async def test_missing_or_bad_credentials_get_one_clear_line(secured: tuple[Embe
     assert b"refused the connection with nkey credentials" in done.stderr
 
 
+async def test_an_agent_with_another_principals_seed_stops_with_one_clear_line(
+        secured: tuple[EmbeddedNats, Path], tmp_path: Path) -> None:
+    server, auth = secured
+    agent = ["agent", "run", "agents.examples.support:writer", "--nats", server.url]
+    # Picked from the generated directory: told before connecting.
+    with anyio.fail_after(10):
+        done = await cli(*agent, "--nkey", str(auth / "reviewer.nk"))
+    assert done.returncode == 2
+    assert done.stderr.decode().strip() == (
+        f"error: {auth / 'reviewer.nk'} is reviewer's seed, and this process is writer: "
+        f"give --nkey {auth / 'writer.nk'}")
+    # Copied elsewhere under another name: NATS refuses its pulls, and it stops (it said
+    # "ready" and retried without end), whether or not a coordinator runs.
+    copied = tmp_path / "mine.nk"
+    copied.write_bytes((auth / "reviewer.nk").read_bytes())
+    with anyio.fail_after(30):
+        done = await cli(*agent, "--nkey", str(copied))
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, stderr
+    assert stderr.splitlines()[-1].startswith("error: NATS refuses what agent writer needs ("), \
+        stderr
+    assert "its --nkey is not writer's" in stderr
+    assert "Traceback" not in stderr
+
+
 async def test_demo_runs_without_auth_for_comparison(tmp_path: Path) -> None:
     # With auth (the default) the demo runs in test_cli.py.
     data = tmp_path / "demo"
