@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="operator principal (default: the --nkey file's, or operator)")
     nats_options(approve)
 
-    status = commands.add_parser("status", help="health of the coordinator and agents")
+    status = commands.add_parser("status", help="health of the coordinator and agents (reads as "
+                                 "the observer: --nkey AUTH_DIR/observer.nk on a secured server)")
     nats_options(status)
     status.add_argument("--config", type=Path, default=Path("ledgermesh.toml"),
                         help="policy naming the agents to ask (default ./ledgermesh.toml)")

@@ -152,6 +152,13 @@ async def test_an_agent_with_another_principals_seed_stops_with_one_clear_line(
     assert done.stderr.decode().strip() == (
         f"error: {auth / 'reviewer.nk'} is reviewer's seed, and this process is writer: "
         f"give --nkey {auth / 'writer.nk'}")
+    # `status` reads as the observer: an operator's seed was the natural guess, and made
+    # everything look down.
+    done = await cli("status", "--nats", server.url, "--nkey", str(auth / "operator.nk"))
+    assert done.returncode == 2
+    assert done.stderr.decode().strip() == (
+        f"error: {auth / 'operator.nk'} is operator's seed, and this process is observer: "
+        f"give --nkey {auth / 'observer.nk'}")
     # Copied elsewhere under another name: NATS refuses its pulls, and it stops (it said
     # "ready" and retried without end), whether or not a coordinator runs.
     copied = tmp_path / "mine.nk"
