@@ -823,6 +823,12 @@ def _read_in_small_chunks(nc: Client) -> None:
         transport.max_size = READ_SIZE
 
 
+# What a connection to NATS that failed or was refused raises, for callers that tell the
+# user so in one line (a bug raises something else).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, nats.errors.Error,
+                                                      BusError)
+
+
 @asynccontextmanager
 async def open_bus(settings: BusSettings,
                    on_event: Callable[[str], None] | None = None) -> AsyncIterator[Bus]:

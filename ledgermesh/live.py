@@ -13,7 +13,15 @@ from typing import Any
 import anyio
 import msgspec
 
-from bus.client import Bus, BusError, BusSettings, Credentials, Observed, open_bus
+from bus.client import (
+    CONNECTION_ERRORS,
+    Bus,
+    BusError,
+    BusSettings,
+    Credentials,
+    Observed,
+    open_bus,
+)
 from coordinator.service import utc_now
 from ledgermesh.auth import load_credentials
 from ledgermesh.style import Style, short, stdout_style
@@ -54,6 +62,10 @@ class SubmitRejectedError(LedgermeshError):
     """The coordinator recorded the submission as rejected."""
 
 
+class NoVerdictError(LedgermeshError):
+    """The connection to NATS failed before the coordinator's verdict."""
+
+
 def bus_settings(nats_url: str, name: str, credentials: Credentials | None) -> BusSettings:
     return BusSettings.of(nats_url, name, credentials)
 
@@ -75,6 +87,7 @@ def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_t
 
     envelope = Envelope(id=str(uuid.uuid4()), sender=who, task_id=task, sent_at=utc_now(),
                         body=SubmitTask(to=to, title=title, payload=payload))
+    with_key = f" --nkey {nkey}" if nkey is not None else ""  # (a client may read the ledger)
     event = await_verdict(settings, subjects, envelope, wait,
                           watch=(subjects.ledger_of_task(task),),
                           verdicts=(subjects.ledger("task", task, "task.submitted"),))
@@ -83,14 +96,15 @@ def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_t
               f"within {wait:.0f} s (is it running?)\n"
               "  it waits in the intake stream and is recorded once a coordinator reads it: "
               "no need to send it again\n"
-              f"  watch for it:  ledgermesh tail --nats {nats_url} --task {task} "
+              f"  watch for it:  ledgermesh tail --nats {nats_url}{with_key} --task {task} "
               f"--until-closed")
         return 1
     if event["kind"] == "message.rejected":
         data = event["data"]
         raise SubmitRejectedError(f"task {task} rejected ({data['code']}): {data['reason']}")
     print(f"submitted {task} to {to} (recorded)")
-    print(f"  watch it:  ledgermesh tail --nats {nats_url} --task {task} --until-closed")
+    print(f"  watch it:  ledgermesh tail --nats {nats_url}{with_key} --task {task} "
+          "--until-closed")
     return 0
 
 
@@ -106,6 +120,7 @@ def await_verdict(settings: BusSettings, subjects: Subjects, envelope: Envelope,
     again, same bytes and id: JetStream acks before it syncs, so a crash of the NATS
     machine can lose an acked message (a stream that still holds it stores nothing)."""
     found: list[dict[str, Any]] = []
+    sent = False  # the intake stream acknowledged it: it is recorded once a coordinator reads it
     rejections = subjects.ledger("principal", envelope.sender, "message.rejected")
     intake, data = subjects.intake(envelope.sender), Codec().encode(envelope)
 
@@ -130,6 +145,7 @@ def await_verdict(settings: BusSettings, subjects: Subjects, envelope: Envelope,
                 log.info("no verdict for %s yet, and cannot ask again: %s", envelope.id, exc)
 
     async def main() -> None:
+        nonlocal sent
         async with open_bus(settings) as bus:
             # Watch for the ledger's verdict before publishing, so it cannot be missed.
             send, receive = anyio.create_memory_object_stream[Observed](max_buffer_size=64)
@@ -139,6 +155,7 @@ def await_verdict(settings: BusSettings, subjects: Subjects, envelope: Envelope,
                                    send.clone(), False)
                 send.close()
                 await bus.publish(intake, data, msg_id=envelope.id)
+                sent = True
                 tg.start_soon(publish_again, bus, tg.cancel_scope)
                 with anyio.move_on_after(wait):
                     async for message in receive:
@@ -148,8 +165,44 @@ def await_verdict(settings: BusSettings, subjects: Subjects, envelope: Envelope,
                             break
                 tg.cancel_scope.cancel()
 
-    anyio.run(main)
+    what = (f"task {envelope.task_id}" if isinstance(envelope.body, SubmitTask)
+            else "the command")
+    try:
+        anyio.run(main)
+    except KeyboardInterrupt:
+        print(f"interrupted: {what} was sent (the intake stream has it) and is recorded once "
+              "a coordinator reads it: no need to send it again" if sent
+              else f"interrupted before {what} was sent: nothing to undo", file=sys.stderr)
+        raise
+    except BaseException as exc:
+        if not _lost_connection(exc):
+            raise
+        cause = _first_line(exc)
+        if sent:
+            raise NoVerdictError(f"{what} was sent (the intake stream has it), then the "
+                                 f"connection to NATS failed before a verdict ({cause}): it "
+                                 "is recorded once a coordinator reads it; no need to send "
+                                 "it again") from None
+        if isinstance(exc, LedgermeshError):
+            raise  # (cannot connect, refused credentials: already one clear line)
+        raise NoVerdictError(f"{what} was not sent: the connection to NATS failed first "
+                             f"({cause}); send it again") from None
     return found[0] if found else None
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """Whether this error (every one of a group) is NATS gone or refusing, not a bug."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_lost_connection(inner) for inner in exc.exceptions)
+    return isinstance(exc, (*CONNECTION_ERRORS, LedgermeshError))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The innermost first cause of an error (or group of them), in one line."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class OperatorRejectedError(LedgermeshError):

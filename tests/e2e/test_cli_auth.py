@@ -98,6 +98,9 @@ async def test_commands_connect_with_their_own_nkey(secured: tuple[EmbeddedNats,
                               "--title", "hello", "--task-id", "t-auth-1")
         assert submitted.returncode == 0, submitted.stderr.decode()
         assert b"submitted t-auth-1 to triage (recorded)" in submitted.stdout
+        # Its hint works as written on a secured server: it names the seed too.
+        assert (f"watch it:  ledgermesh tail --nats {server.url} --nkey {auth / 'client.nk'} "
+                "--task t-auth-1 --until-closed").encode() in submitted.stdout
         # The observer's seed from the environment; its principal from the file name.
         tailed = await cli("tail", *url, "--task", "t-auth-1", "--from-start", "--limit", "1",
                            "--json", env={"LEDGERMESH_NKEY": str(auth / "observer.nk")})
