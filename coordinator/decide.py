@@ -68,7 +68,7 @@ def decide(principal: str, raw: bytes, env: Envelope, task: TaskState | None,
     said = Provenance(msg_id=env.id, sender=env.sender, sent_at=env.sent_at.isoformat(),
                       causation_id=env.causation_id, trace=env.trace, raw=_b64(raw))
     if isinstance(env.body, SuspendAgent | ResumeAgent | ApproveTool):
-        return _operator(principal, env, task, policy, msg_id, said)
+        return _operator(principal, env, task, policy, msg_id, said, suspended)
     problem = _check(principal, env, task, policy, msg_id, suspended)
     if problem is None and isinstance(env.body, ToolCall):
         problem = Rejection("wrong_channel", "tool calls go to the tool gateway "
@@ -131,7 +131,8 @@ def decide(principal: str, raw: bytes, env: Envelope, task: TaskState | None,
 
 
 def _operator(principal: str, env: Envelope, task: TaskState | None, policy: Policy,
-              msg_id: str | None, said: Provenance) -> list[Draft]:
+              msg_id: str | None, said: Provenance,
+              suspended: frozenset[str] = frozenset()) -> list[Draft]:
     """Operator commands: approvals on a task, suspending and resuming agents."""
     body = env.body
     problem = None
@@ -146,8 +147,17 @@ def _operator(principal: str, env: Envelope, task: TaskState | None, policy: Pol
                                             "(policy: operators)")
     elif isinstance(body, ApproveTool) and (task is None or not task.is_open):
         problem = Rejection("unknown_task", f"no open task {env.task_id} to approve a tool on")
+    elif isinstance(body, ApproveTool) and body.tool not in policy.tools:
+        problem = Rejection("unknown_tool", f"no tool named {body.tool!r} in the policy")
+    elif isinstance(body, ApproveTool) and not policy.tools[body.tool].privileged:
+        problem = Rejection("not_privileged", f"{body.tool} is not privileged: the policy "
+                                              "needs no approval to call it")
     elif isinstance(body, SuspendAgent | ResumeAgent) and not policy.is_agent(body.agent):
         problem = Rejection("unknown_agent", f"no agent named {body.agent!r} in the policy")
+    elif isinstance(body, SuspendAgent) and body.agent in suspended:
+        problem = Rejection("already_suspended", f"{body.agent} is suspended already")
+    elif isinstance(body, ResumeAgent) and body.agent not in suspended:
+        problem = Rejection("not_suspended", f"{body.agent} is not suspended")
     if problem is not None:
         return [_rejected(principal, env, None, problem, said)]
     if isinstance(body, ApproveTool):

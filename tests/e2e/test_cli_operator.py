@@ -68,6 +68,11 @@ async def test_operator_commands_are_recorded_or_refused_clearly(
     done = await cli(nats_server, prefix, "approve", "t-nothing", "--tool", "payments.refund")
     assert done.returncode == 2
     assert done.stderr.startswith("error: refused (unknown_task)")
+    # Approvals that would mean nothing: a tool the policy lacks, one that needs none.
+    done = await cli(nats_server, prefix, "approve", "t-op", "--tool", "nosuch.tool")
+    assert done.stderr.startswith("error: refused (unknown_tool)"), done.stderr
+    done = await cli(nats_server, prefix, "approve", "t-op", "--tool", "kb.search")
+    assert done.stderr.startswith("error: refused (not_privileged)"), done.stderr
 
     done = await cli(nats_server, prefix, "agent", "suspend", "writer", "--reason", "looping")
     assert done.returncode == 0, done.stderr
@@ -78,6 +83,9 @@ async def test_operator_commands_are_recorded_or_refused_clearly(
     done = await cli(nats_server, prefix, "agent", "resume", "writer")
     assert done.returncode == 0
     assert "recorded: agent.resumed" in done.stdout
+    done = await cli(nats_server, prefix, "agent", "resume", "writer")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: refused (not_suspended): writer is not suspended")
 
     # The relay catches up with the ledger: the lag is counted in ledger events.
     with anyio.fail_after(20):
@@ -95,8 +103,8 @@ async def test_operator_commands_are_recorded_or_refused_clearly(
     assert "coordinator: ok" in human.stdout
     assert f"ledger position {last[0]} · relay lag 0 events" in human.stdout
     assert "not answering" in human.stdout
-    # The two refusals above, counted by who asked, with the last reason.
-    assert coordinator["rejected"] == {"operator": 1, "client": 1}
+    # The refusals above, counted by who asked, with the last reason.
+    assert coordinator["rejected"] == {"operator": 4, "client": 1}
     assert coordinator["last_rejection"]["client"].startswith("not_operator: ")
     assert coordinator["throttled"] == {}
     assert "principal client\n  1 output(s) rejected · last: not_operator: " in human.stdout

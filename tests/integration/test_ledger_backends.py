@@ -408,7 +408,8 @@ class LedgerContract:
     ) -> None:
         """An approval lands on the task, a suspension on the agent's record: each is
         known by its id there, redelivered or resent after JetStream forgot it."""
-        policy = team_policy('operators = ["operator"]\n')
+        policy = team_policy('operators = ["operator"]\n'
+                             '[tools."payments.refund"]\nprivileged = true\n')
         said = [_env(1, "client", "t1", SubmitTask(to="triage", title="refund?")),
                 _env(2, "operator", "t1", ApproveTool(tool="payments.refund", reason="ok")),
                 _env(3, "operator", "-", SuspendAgent(agent="writer", reason="odd")),
