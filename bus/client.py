@@ -823,6 +823,32 @@ def _read_in_small_chunks(nc: Client) -> None:
         transport.max_size = READ_SIZE
 
 
+class _Repeats:
+    """A connection's notes, each said once, then again with how often it came meanwhile
+    at most every ``every_s`` seconds."""
+
+    def __init__(self, every_s: float = 30.0, kinds: int = 64,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._every_s = every_s
+        self._kinds = kinds
+        self._clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}  # text -> (said at, times since)
+
+    def first_or_count(self, text: str) -> str | None:
+        """The line to log for ``text`` now, or None to stay quiet."""
+        now = self._clock()
+        said_at, since = self._seen.get(text, (None, 0))
+        if said_at is not None and now - said_at < self._every_s:
+            self._seen[text] = (said_at, since + 1)
+            return None
+        if len(self._seen) >= self._kinds:
+            self._seen.clear()  # (texts that vary without end: forget, and say them again)
+        self._seen[text] = (now, 0)
+        if said_at is None or not since:
+            return text
+        return f"{text} (and {since} more time(s) in the last {now - said_at:.0f} s)"
+
+
 # What a connection to NATS that failed or was refused raises, for callers that tell the
 # user so in one line (a bug raises something else).
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, nats.errors.Error,
@@ -834,8 +860,13 @@ async def open_bus(settings: BusSettings,
                    on_event: Callable[[str], None] | None = None) -> AsyncIterator[Bus]:
     """Connect (reconnecting forever), yield a Bus, drain on exit."""
 
+    repeats = _Repeats()
+
     def note(text: str) -> None:
-        log.info("%s: %s", settings.name, text)
+        said = repeats.first_or_count(text)
+        if said is not None:  # (a server down: the same error every half second, for hours)
+            level = logging.INFO if text == "reconnected" else logging.WARNING
+            log.log(level, "%s: %s", settings.name, said)
         if on_event is not None:
             on_event(text)
 
