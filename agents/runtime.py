@@ -21,7 +21,16 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from agents.receipts import FIRST_WAIT_S, Receipts, Sent
 from agents.sdk import Agent, Context
-from bus.client import Bus, BusError, BusSettings, Credentials, Inbound, PendingAck, open_bus
+from bus.client import (
+    Bus,
+    BusError,
+    BusSettings,
+    Credentials,
+    Inbound,
+    PendingAck,
+    open_bus,
+    redact_url,
+)
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer
 from schemas import (
@@ -233,7 +242,9 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
                                   {"agent": agent.name, "prefix": subjects.prefix,
                                    "handles": ",".join(t.__name__ for t in agent.handlers)},
                                   status)
-            log.info("%s ready (%d workers)", agent.name, concurrency)
+            log.info("%s ready (%d workers) on NATS %s, prefix %s%s", agent.name, concurrency,
+                     redact_url(settings.nats_url), subjects.prefix,
+                     "" if settings.credentials is None else ", with its nkey")
             task_status.started()
 
 

@@ -13,7 +13,7 @@ import msgspec
 from anyio.abc import TaskStatus
 from eventsourcing.persistence import Notification
 
-from bus.client import Bus, BusSettings, Credentials, open_bus
+from bus.client import Bus, BusSettings, Credentials, open_bus, redact_url
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer, coordinator_consumer, streams
 from coordinator.checkpointer import serve_checkpoints
@@ -169,8 +169,12 @@ async def _run(settings: CoordinatorSettings, lock: WriterLock,
                                           {"prefix": subjects.prefix, "holder": holder_name(),
                                            "ledger": redacted(settings.ledger)},
                                           lambda: msgspec.json.encode(health.report()))
-                    log.info("coordinator ready: ledger %s, intake position %d",
-                             settings.ledger, writer.position)
+                    log.info("coordinator ready: ledger %s, intake position %d; NATS %s, "
+                             "prefix %s; %d agents in the policy (%s); checkpoints signed by "
+                             "%s", redacted(settings.ledger), writer.position,
+                             redact_url(settings.nats_url), subjects.prefix,
+                             len(settings.policy.agents),
+                             ", ".join(settings.policy.agents), signer.public_key)
                     task_status.started()
             except anyio.get_cancelled_exc_class():
                 # A stop (not a crash): sign what no checkpoint covers yet and relay it, so

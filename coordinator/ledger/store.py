@@ -27,6 +27,7 @@ from eventsourcing.persistence import (
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import Environment, EnvType
 
+from bus.client import redact_url
 from coordinator.ledger.events import TOPIC, LedgerEvent, Sealed
 from schemas import LedgermeshError
 
@@ -239,7 +240,4 @@ def _check_sqlite_ledger(path: Path, empty_ok: bool) -> None:
 
 def redacted(location: str) -> str:
     """The location without its password, to show or log."""
-    url = urlsplit(location)
-    if url.password:
-        return location.replace(f":{url.password}@", ":***@")
-    return location
+    return redact_url(location)
