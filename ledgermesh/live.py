@@ -262,6 +262,8 @@ def describe(record: LedgerRecord, event: dict[str, Any]) -> str:
         "attempt.failed": lambda: f"attempt {data.get('attempt')} failed: {data.get('reason')}",
         "task.dead_lettered": lambda: f"dead-lettered: {data.get('reason')}",
         "tool.requested": lambda: f"{data.get('tool')} {json.dumps(data.get('args'))}",
+        "tool.authorized": lambda: (f"{data.get('tool')} allowed: "
+                                    f"{data.get('grounds', 'by the policy')}"),
         "tool.denied": lambda: (f"{data.get('tool')} DENIED {data.get('rule')}: "
                                 f"{data.get('reason')}"),
         "tool.completed": lambda: ("ok" if data.get("outcome", {}).get("ok") else "error")

@@ -44,3 +44,10 @@ def test_a_suspension_without_a_reason_says_so() -> None:
     assert line("agent.suspended", {"reason": ""}).endswith("SUSPENDED (no reason given)")
     assert line("agent.resumed", {}).endswith("resumed (no reason given)")
     assert line("agent.suspended", {"reason": "leaking"}).endswith("SUSPENDED: leaking")
+
+
+def test_an_authorized_tool_call_says_on_what_grounds() -> None:
+    line = describe(*record(5, {"kind": "tool.authorized", "key": "t-1", "sender": "coordinator",
+                                "data": {"tool": "kb.search", "grounds": "agents.researcher."
+                                         "tools lists kb.search"}}))
+    assert line.endswith("kb.search allowed: agents.researcher.tools lists kb.search")
