@@ -291,6 +291,8 @@ def decide_timer(task: TaskState, policy: Policy, now: datetime) -> list[Draft]:
         # (No attempt number in the words: the data has it, and the task-wide count read
         # next to "after 3 of 3 attempts", which counts the step's tries, misled.)
         reason = f"{task.owner} did not finish by {task.deadline}"
+        if task.refused is not None:  # the likely why: its way out of the task was refused
+            reason += f"; its last output was refused ({task.refused})"
         return _failed_attempt(task, policy, now, reason, True, first=first, decided=decided)
     if task.status == "retrying" and task.retry_at is not None \
             and datetime.fromisoformat(task.retry_at) <= now and task.cause is not None:

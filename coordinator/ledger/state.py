@@ -62,6 +62,7 @@ class TaskState(msgspec.Struct, kw_only=True):
     result: str | None = None
     failure: str | None = None
     rejections: int = 0
+    refused: str | None = None  # the owner's last refused output in this attempt: why
     approvals: list[str] = []  # tools an operator approved on this task
     # call id -> {"state": "denied"|"authorized"|"done", ...}: answers a repeated call
     tool_calls: dict[str, dict[str, Any]] = {}
@@ -113,6 +114,7 @@ def _assigned(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
     task.deadline = data["deadline"]
     task.retry_at = None
     task.cause = data["delivery"]
+    task.refused = None
     if task.owner not in task.participants:
         task.participants.append(data["agent"])
 
@@ -149,6 +151,8 @@ def _failed(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
 
 def _rejected(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:
     task.rejections += 1
+    if event.sender == task.owner:
+        task.refused = f"{data['code']}: {data['reason']}"
 
 
 def _tool_denied(task: TaskState, event: Recorded, data: dict[str, Any]) -> None:

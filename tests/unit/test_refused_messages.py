@@ -1,10 +1,11 @@
-"""What the coordinator keeps of a principal stays bounded however often it is refused, and
-what it forgets changes nothing that matters (a real SQLite ledger, no NATS)."""
+"""What the coordinator keeps of a principal's refused messages: bounded however often it
+is refused, without forgetting anything that matters, and named where it explains a
+timeout (a real SQLite ledger, no NATS)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -15,7 +16,16 @@ from coordinator.ledger.replay import replay
 from coordinator.ledger.state import REMEMBERED_REJECTIONS
 from coordinator.ledger.store import Ledger, open_ledger
 from coordinator.ledger.writer import IntakeMessage, LedgerWriter
-from schemas import Codec, Envelope, ResumeAgent, Say, Subjects, SubmitTask, SuspendAgent
+from schemas import (
+    Codec,
+    Envelope,
+    HandoffRequest,
+    ResumeAgent,
+    Say,
+    Subjects,
+    SubmitTask,
+    SuspendAgent,
+)
 from tests.live import team_policy
 
 POLICY = team_policy('operators = ["operator"]\n', "principal memory test policy")
@@ -152,3 +162,23 @@ def test_a_principal_pushed_out_during_the_restart_is_not_folded_from_its_middle
     # At the restart, "first" leaves the two kept states and comes back at its second
     # event: kept from there, it would not know its first message.
     assert writer(ledger, cache_size=2).record([first.message(early)]).events == []
+
+
+def test_a_timeout_after_a_refused_output_says_it_was_refused(ledger: Ledger) -> None:
+    """An owner whose handoff was refused (its peer suspended) has no way out of the task
+    and runs out of time: the timeout names the refusal, not only the missed deadline."""
+    now = [NOW]
+    w = LedgerWriter(ledger, POLICY, SUBJECTS, lambda: now[0])
+    client, operator, triage = Sender("client"), Sender("operator"), Sender("triage")
+    w.record([client.message(client.envelope("s", SubmitTask(to="triage", title="q")))])
+    w.record([operator.message(operator.envelope(
+        "x", SuspendAgent(agent="researcher", reason="looping"), task_id="-"))])
+    handoff = Envelope(id="h", sender="triage", task_id="t", sent_at=NOW, attempt=1,
+                       body=HandoffRequest(to="researcher", reason="look"))
+    refused = w.record([triage.message(handoff)]).events
+    assert [(e.kind, e.data["code"]) for e in refused] == [(Kind.REJECTED, "agent_suspended")]
+    now[0] = NOW + timedelta(hours=1)
+    [timed_out, *_] = w.tick().events
+    assert timed_out.kind == Kind.TIMED_OUT
+    assert timed_out.data["reason"].endswith(
+        "; its last output was refused (agent_suspended: researcher is suspended)")
