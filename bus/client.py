@@ -872,8 +872,7 @@ async def open_bus(settings: BusSettings,
     def note(text: str) -> None:
         said = repeats.first_or_count(text)
         if said is not None:  # (a server down: the same error every half second, for hours)
-            level = logging.INFO if text == "reconnected" else logging.WARNING
-            log.log(level, "%s: %s", settings.name, said)
+            log.info("%s: %s", settings.name, said)
         if on_event is not None:
             on_event(text)
 
@@ -954,6 +953,7 @@ async def open_bus(settings: BusSettings,
     try:
         yield Bus(nc, settings)
     finally:
+        connected = False  # (closing: the disconnection that follows is ours, no news)
         with anyio.CancelScope(shield=True):
             try:
                 await nc.drain()
