@@ -67,6 +67,7 @@ class Receipts:
         self._first_wait_s = first_wait_s
         self._by_id: dict[str, Sent] = {}
         self._waiting: set[_Waiter] = set()
+        self._emptied: anyio.Event | None = None  # set when ``_waiting`` empties (a drain)
 
     def expect(self, msg_id: str, data: bytes) -> Sent:
         """Call before publishing: a receipt may come before the publish returns."""
@@ -90,6 +91,17 @@ class Receipts:
         for message in left:
             message.waiter = waiter
         self._waiting.add(waiter)
+
+    async def settled(self) -> None:
+        """Return once no delivery waits for its receipts (each acked, or given up)."""
+        while self._waiting:
+            self._emptied = anyio.Event()
+            await self._emptied.wait()
+
+    def _done(self, waiter: _Waiter) -> None:
+        self._waiting.discard(waiter)
+        if not self._waiting and self._emptied is not None:
+            self._emptied.set()
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Take receipts, and publish again what waits too long, until cancelled."""
@@ -122,11 +134,12 @@ class Receipts:
                 continue  # its handler is still running: acked once it returns
             waiter.left.remove(message)
             if not waiter.left:
-                self._waiting.discard(waiter)
                 try:
                     await waiter.ack()
                 except Exception as exc:  # nats-py's errors vary; the delivery comes again
                     log.warning("task %s: ack failed: %s", waiter.task_id, exc)
+                finally:
+                    self._done(waiter)  # (after the ack: a drain waits for it)
 
     async def _publish_overdue(self) -> None:
         now = anyio.current_time()
@@ -137,7 +150,7 @@ class Receipts:
                 log.warning("task %s: %d output message(s) not confirmed recorded by the "
                             "attempt's deadline; leaving it to the coordinator's retry",
                             waiter.task_id, len(waiter.left))
-                self._waiting.discard(waiter)
+                self._done(waiter)
                 self.forget(waiter.left)
                 continue
             for message in waiter.left:

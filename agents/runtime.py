@@ -206,7 +206,11 @@ class _Counters:
 
 
 async def run_agent(agent: Agent, settings: AgentSettings, *,
+                    stopping: anyio.Event | None = None,
                     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Serve the agent until cancelled; or, once ``stopping`` is set, take no new delivery,
+    finish those in hand (their outputs recorded and the deliveries acked), and return:
+    a stop then costs no task a timeout and a retry."""
     subjects = settings.subjects
     codec = Codec()
     counters = _Counters()
@@ -225,27 +229,43 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
                                 settings.clock, settings.receipt_wait_s)
             await tg.start(receipts.serve)  # listening before anything is published
             intake = _Intake(bus, subjects, agent.name, codec, tg, receipts)
-            await tg.start(bus.serve_pull, consumer, send)
-            for _ in range(concurrency):
-                tg.start_soon(_work, agent, receive.clone(), intake, codec, settings,
-                              counters)
-            receive.close()
+            pulling = anyio.CancelScope()
 
-            def status() -> bytes:
-                return msgspec.json.encode({"agent": agent.name, "connected": bus.connected,
-                                            "handled": counters.handled,
-                                            "failed": counters.failed,
-                                            "last_error": counters.last_error})
+            async def pull(*, task_status: TaskStatus[None]) -> None:
+                with pulling:  # (serve_pull closes ``send`` as it ends: the workers see it)
+                    await bus.serve_pull(consumer, send, task_status=task_status)
 
-            await bus.add_service(subjects.service(agent.name), agent.version,
-                                  agent.description or agent.name,
-                                  {"agent": agent.name, "prefix": subjects.prefix,
-                                   "handles": ",".join(t.__name__ for t in agent.handlers)},
-                                  status)
-            log.info("%s ready (%d workers) on NATS %s, prefix %s%s", agent.name, concurrency,
-                     redact_url(settings.nats_url), subjects.prefix,
-                     "" if settings.credentials is None else ", with its nkey")
-            task_status.started()
+            await tg.start(pull)
+            async with anyio.create_task_group() as workers:
+                for _ in range(concurrency):
+                    workers.start_soon(_work, agent, receive.clone(), intake, codec, settings,
+                                       counters)
+                receive.close()
+
+                def status() -> bytes:
+                    return msgspec.json.encode({"agent": agent.name,
+                                                "connected": bus.connected,
+                                                "handled": counters.handled,
+                                                "failed": counters.failed,
+                                                "last_error": counters.last_error})
+
+                await bus.add_service(subjects.service(agent.name), agent.version,
+                                      agent.description or agent.name,
+                                      {"agent": agent.name, "prefix": subjects.prefix,
+                                       "handles": ",".join(t.__name__ for t in agent.handlers)},
+                                      status)
+                log.info("%s ready (%d workers) on NATS %s, prefix %s%s", agent.name,
+                         concurrency, redact_url(settings.nats_url), subjects.prefix,
+                         "" if settings.credentials is None else ", with its nkey")
+                task_status.started()
+                if stopping is None:
+                    return  # (until cancelled: the workers never run out of deliveries)
+                await stopping.wait()
+                pulling.cancel()
+            await receipts.settled()  # the deliveries whose outputs are recorded: acked
+            log.info("%s: finished the work in hand (%d handled in all); stopping",
+                     agent.name, counters.handled)
+            tg.cancel_scope.cancel()
 
 
 class AgentDeniedError(LedgermeshError):

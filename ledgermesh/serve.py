@@ -22,6 +22,10 @@ from ledgermesh.auth import COORDINATOR, TOOLS, load_credentials
 from schemas import Subjects
 
 Service = Callable[..., Awaitable[None]]
+log = logging.getLogger("ledgermesh")
+# An agent stopped with SIGTERM finishes its handlers for this long first: under systemd's
+# TimeoutStopSec (30 s in deploy/systemd), and long enough for most handlers.
+DRAIN_S = 20.0
 
 
 async def run_until_signalled(service: Callable[..., Coroutine[Any, Any, None]]) -> None:
@@ -31,13 +35,43 @@ async def run_until_signalled(service: Callable[..., Coroutine[Any, Any, None]])
         async def stop_on_signal() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
-                    logging.getLogger("ledgermesh").info("stopping on %s",
-                                                         signal.Signals(signum).name)
+                    log.info("stopping on %s", signal.Signals(signum).name)
                     tg.cancel_scope.cancel()
                     return
 
         tg.start_soon(stop_on_signal)
         await tg.start(service)
+
+
+async def run_draining_on_signal(service: Callable[..., Coroutine[Any, Any, None]],
+                                 drain_s: float = DRAIN_S) -> None:
+    """Run ``service(stopping, task_status=…)`` until SIGTERM or SIGINT, then set
+    ``stopping`` and give it ``drain_s`` seconds to finish what it holds and return; a
+    second signal, or the time running out, cancels it."""
+    stopping = anyio.Event()
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if stopping.is_set():
+                        log.info("stopping now on a second %s", name)
+                        break
+                    log.info("stopping on %s: finishing the work in hand (up to %.0f s; "
+                             "again to stop now)", name, drain_s)
+                    stopping.set()
+                    tg.start_soon(cancel_after, drain_s)
+            tg.cancel_scope.cancel()
+
+        async def cancel_after(seconds: float) -> None:
+            await anyio.sleep(seconds)
+            log.warning("stopping now: the work in hand did not finish within %.0f s", seconds)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(stop_on_signal)
+        await service(stopping, task_status=anyio.TASK_STATUS_IGNORED)
+        tg.cancel_scope.cancel()  # it returned (drained): the signal watch ends too
 
 
 def coordinator_run(nats_url: str, ledger: str, config: Path, prefix: str,
@@ -76,10 +110,10 @@ def agent_run(spec: str, nats_url: str, prefix: str, concurrency: int | None,
                              concurrency=concurrency, crash=CrashPoints.from_environment(),
                              credentials=load_credentials(nkey, subjects, agent.name))
 
-    async def service(task_status: TaskStatus[None]) -> None:
-        await run_agent(agent, settings, task_status=task_status)
+    async def service(stopping: anyio.Event, task_status: TaskStatus[None]) -> None:
+        await run_agent(agent, settings, stopping=stopping, task_status=task_status)
 
-    anyio.run(run_until_signalled, service)
+    anyio.run(run_draining_on_signal, service)
 
 
 def tools_run(spec: str, nats_url: str, prefix: str, nkey: Path | None = None) -> None:

@@ -1,0 +1,89 @@
+"""An agent stopped with SIGTERM (a deploy, a scale-down) finishes the work in hand before
+it exits: the task completes, with no timeout and no retry spent on the stop."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+
+from bus.client import BusSettings, open_bus
+from bus.embedded import EmbeddedNats
+from coordinator.service import utc_now
+from ledgermesh.processes import Child, spawn, stop_all, wait_ready
+from schemas import Codec, Envelope, Subjects, SubmitTask
+
+POLICY = """submitters = ["client"]
+[agents.slowpoke]
+deadline_s = 60
+"""
+AGENT = '''
+import anyio
+from agents import Agent, Context
+from schemas import SubmitTask
+
+slowpoke = Agent("slowpoke")
+
+@slowpoke.on(SubmitTask)
+async def work(ctx: Context, task: SubmitTask) -> None:
+    await ctx.say("started")
+    await anyio.sleep(3)
+    await ctx.complete("done after 3 s")
+'''
+
+
+async def until(condition: Callable[[], bool], seconds: float) -> None:
+    """Poll ``condition`` (a file, a process: nothing to wait on) for up to ``seconds``."""
+    with anyio.fail_after(seconds):
+        while True:
+            if condition():
+                return
+            await anyio.sleep(0.1)
+
+
+def kinds(ledger: Path, task_id: str) -> list[str]:
+    db = sqlite3.connect(ledger)
+    try:
+        return [kind for (kind,) in db.execute(
+            "SELECT json_extract(state, '$.kind') FROM stored_events WHERE "
+            "json_extract(state, '$.key') = ? ORDER BY rowid", (task_id,))]
+    finally:
+        db.close()
+
+
+async def test_sigterm_lets_the_handler_in_hand_finish(nats_server: EmbeddedNats, prefix: str,
+                                                       tmp_path: Path) -> None:
+    (tmp_path / "ledgermesh.toml").write_text(POLICY)
+    (tmp_path / "slow_agents.py").write_text(AGENT)
+    ledger, logs = tmp_path / "ledger.db", tmp_path / "logs"
+    common = ["--nats", nats_server.url, "--prefix", prefix]
+    env = {"PYTHONPATH": str(tmp_path)}
+    children: list[Child] = [
+        spawn("coordinator", ["coordinator", "run", *common, "--ledger", str(ledger),
+                              "--config", str(tmp_path / "ledgermesh.toml")], logs),
+        spawn("slowpoke", ["agent", "run", "slow_agents:slowpoke", *common], logs, env=env),
+    ]
+    subjects = Subjects(prefix)
+    try:
+        async with open_bus(BusSettings(url=nats_server.url, name="test")) as bus:
+            await wait_ready(bus, subjects, children)
+            submit = Envelope(id="s-1", sender="client", task_id="t-stop", sent_at=utc_now(),
+                              body=SubmitTask(to="slowpoke", title="take your time"))
+            await bus.publish(subjects.intake("client"), Codec().encode(submit),
+                              msg_id=submit.id)
+            await until(lambda: "message.said" in kinds(ledger, "t-stop"), 20)  # it runs
+            agent = children[1]
+            agent.process.send_signal(signal.SIGTERM)
+            await until(lambda: not agent.alive(), 15)
+            await until(lambda: "task.completed" in kinds(ledger, "t-stop"), 10)
+    finally:
+        await stop_all(children)
+    assert agent.process.returncode == 0, agent.log_tail()
+    assert kinds(ledger, "t-stop") == ["task.submitted", "task.assigned", "message.said",
+                                       "task.completed"]  # no timeout, no second assignment
+    log = agent.log_file.read_text()
+    assert "stopping on SIGTERM: finishing the work in hand" in log
+    assert "slowpoke: finished the work in hand (1 handled in all); stopping" in log
