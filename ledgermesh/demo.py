@@ -355,6 +355,7 @@ def _finish(ledger_path: Path, board: Board, count: int, style: Style, say: Any,
     say(f"  try next:  ledgermesh replay --ledger {ledger_path} --verify")
     featured = declined[0] if declined else "TASK"
     say(f"             ledgermesh audit {featured} --ledger {ledger_path}")
+    say(f"             ledgermesh audit --ledger {ledger_path} --agent researcher")
     return DemoResult(tasks_submitted=count, tasks_completed=completed, tasks_failed=failed,
                       events=rebuilt.events, rejected=rejected, digest=rebuilt.digest,
                       verified=rebuilt.verified, unsigned=unsigned, ledger=str(ledger_path),
