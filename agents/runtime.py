@@ -29,10 +29,10 @@ from bus.client import (
     Inbound,
     PendingAck,
     open_bus,
-    redact_url,
 )
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer
+from bus.urls import redact_url
 from schemas import (
     Codec,
     Envelope,

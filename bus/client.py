@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import msgspec
@@ -822,12 +821,6 @@ def _read_in_small_chunks(nc: Client) -> None:
     transport = getattr(writer, "transport", None)
     if transport is not None and getattr(transport, "max_size", 0) > READ_SIZE:
         transport.max_size = READ_SIZE
-
-
-def redact_url(url: str) -> str:
-    """A URL (or a path) without its password, to show or log."""
-    password = urlsplit(url).password if "://" in url else None
-    return url.replace(f":{password}@", ":***@") if password else url
 
 
 class _Repeats:

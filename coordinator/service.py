@@ -13,9 +13,10 @@ import msgspec
 from anyio.abc import TaskStatus
 from eventsourcing.persistence import Notification
 
-from bus.client import Bus, BusSettings, Credentials, open_bus, redact_url
+from bus.client import Bus, BusSettings, Credentials, open_bus
 from bus.faults import CrashPoints
 from bus.topology import agent_consumer, coordinator_consumer, streams
+from bus.urls import redact_url
 from coordinator.checkpointer import serve_checkpoints
 from coordinator.gateway import serve_gateway
 from coordinator.health import Health

@@ -12,6 +12,7 @@ import msgspec
 
 from bus.client import BusSettings, open_bus
 from coordinator.ledger.checkpoints import (
+    UNTRUSTED_KEY,
     Checkpoint,
     CheckpointError,
     GlobalChain,
@@ -134,7 +135,7 @@ def replay_command(location: str, *, to: int | None, verify: bool, as_json: bool
 def _what_it_means(first: Break, chain: GlobalChain, checkpoint: Checkpoint | None) -> str:
     """The likeliest reading of the first break: an edited ledger, unless the keys say
     that a checkpoint came from elsewhere."""
-    if "not a trusted key" in first.problem:
+    if UNTRUSTED_KEY in first.problem:
         return ("its checkpoints are signed by a key not given with --trusted-key: another "
                 "coordinator's (each logs its key at start), or a forger's")
     if checkpoint is not None and chain.keys and checkpoint.key not in chain.keys:

@@ -28,26 +28,13 @@ log = logging.getLogger("ledgermesh")
 DRAIN_S = 20.0
 
 
-async def run_until_signalled(service: Callable[..., Coroutine[Any, Any, None]]) -> None:
-    """Run ``service`` until SIGTERM or SIGINT, then cancel it cleanly."""
-    async with anyio.create_task_group() as tg:
+async def run_until_signalled(service: Callable[..., Coroutine[Any, Any, None]],
+                              drain_s: float | None = None) -> None:
+    """Run ``service`` until SIGTERM or SIGINT, then cancel it cleanly.
 
-        async def stop_on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("stopping on %s", signal.Signals(signum).name)
-                    tg.cancel_scope.cancel()
-                    return
-
-        tg.start_soon(stop_on_signal)
-        await tg.start(service)
-
-
-async def run_draining_on_signal(service: Callable[..., Coroutine[Any, Any, None]],
-                                 drain_s: float = DRAIN_S) -> None:
-    """Run ``service(stopping, task_status=…)`` until SIGTERM or SIGINT, then set
-    ``stopping`` and give it ``drain_s`` seconds to finish what it holds and return; a
-    second signal, or the time running out, cancels it."""
+    With ``drain_s``, it is called as ``service(stopping, task_status=…)``: the first signal
+    sets ``stopping`` and gives it ``drain_s`` seconds to finish what it holds and return;
+    a second signal, or the time running out, cancels it."""
     stopping = anyio.Event()
     async with anyio.create_task_group() as tg:
 
@@ -57,6 +44,9 @@ async def run_draining_on_signal(service: Callable[..., Coroutine[Any, Any, None
                     name = signal.Signals(signum).name
                     if stopping.is_set():
                         log.info("stopping now on a second %s", name)
+                        break
+                    if drain_s is None:
+                        log.info("stopping on %s", name)
                         break
                     log.info("stopping on %s: finishing the work in hand (up to %.0f s; "
                              "again to stop now)", name, drain_s)
@@ -70,6 +60,9 @@ async def run_draining_on_signal(service: Callable[..., Coroutine[Any, Any, None
             tg.cancel_scope.cancel()
 
         tg.start_soon(stop_on_signal)
+        if drain_s is None:
+            await tg.start(service)  # it serves until the signal cancels it
+            return
         await service(stopping, task_status=anyio.TASK_STATUS_IGNORED)
         tg.cancel_scope.cancel()  # it returned (drained): the signal watch ends too
 
@@ -113,7 +106,7 @@ def agent_run(spec: str, nats_url: str, prefix: str, concurrency: int | None,
     async def service(stopping: anyio.Event, task_status: TaskStatus[None]) -> None:
         await run_agent(agent, settings, stopping=stopping, task_status=task_status)
 
-    anyio.run(run_draining_on_signal, service)
+    anyio.run(run_until_signalled, service, DRAIN_S)
 
 
 def tools_run(spec: str, nats_url: str, prefix: str, nkey: Path | None = None) -> None:

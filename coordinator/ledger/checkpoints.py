@@ -68,6 +68,7 @@ ALGORITHM = "ed25519-nkey"
 SIGNED_TYPE = "ledgermesh.checkpoint"  # domain separation of what the key signs
 SIGNING_KEY_SUFFIX = ".signing.nk"
 SIGNER = "coordinator"  # the sender of checkpoint events
+UNTRUSTED_KEY = "not a trusted key"  # in the problem of a checkpoint signed by another key
 _KEEP_HEADS = 4096  # recent (position, head) pairs replay keeps to check checkpoints
 
 
@@ -151,7 +152,7 @@ def signature_problem(checkpoint: Checkpoint,
     if checkpoint.algorithm != ALGORITHM:
         return f"unknown signature algorithm {checkpoint.algorithm!r}"
     if trusted_keys is not None and checkpoint.key not in set(trusted_keys):
-        return f"signed by {checkpoint.key[:12]}…, not a trusted key"
+        return f"signed by {checkpoint.key[:12]}…, {UNTRUSTED_KEY}"
     try:
         key = verify_key(checkpoint.key)
         signature = base64.b64decode(checkpoint.signature, validate=True)

@@ -27,7 +27,7 @@ from eventsourcing.persistence import (
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import Environment, EnvType
 
-from bus.client import redact_url
+from bus.urls import redact_url
 from coordinator.ledger.events import TOPIC, LedgerEvent, Sealed
 from schemas import LedgermeshError
 
