@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Iterator
 
@@ -9,6 +10,12 @@ import pytest
 from anyio.from_thread import start_blocking_portal
 
 from bus.embedded import EmbeddedNats, open_embedded_nats
+
+# Started as a background job (`pytest ... &` in a script), pytest inherits SIGINT ignored,
+# and so would every command a test starts: a test that presses Ctrl-C on one would wait
+# for it forever. A handler, unlike "ignored", is reset to the default in a child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -442,6 +442,12 @@ class Inspector:
         info = await self.js.consumer_info(spec.stream, spec.durable)
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
+    async def agent_backlog(self, agent: str) -> int:
+        """Deliveries to ``agent`` not yet acked by it (delivered or not)."""
+        info = await self.js.consumer_info(self.subjects.deliver_stream,
+                                           self.subjects.agent_consumer(agent))
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
 
 async def short_ack_wait(inspector: Inspector, seconds: float = 1.0) -> None:
     """Make the coordinator's intake consumer redeliver unacked messages after ``seconds``

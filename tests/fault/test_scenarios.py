@@ -62,6 +62,18 @@ async def relayed(w: World, position: int) -> bool:
     return await w.inspector.last_seq(w.dep.subjects.ledger_stream) == position
 
 
+async def agents_acked(w: World, *agents: str) -> None:
+    """Wait until every delivery to ``agents`` is acked, and the server has had time to
+    write that down (its consumer store does ~10 ms after an ack). A kill -9 before then
+    loses the acks: those deliveries come again and their handlers run again, as
+    at-least-once delivery allows. Scenarios that count handler runs wait for this."""
+    async def acked() -> bool:
+        return not any([await w.inspector.agent_backlog(a) for a in agents])
+
+    await until(acked, within=15)
+    await anyio.sleep(0.25)
+
+
 async def start(w: World, *agents: str, crash_at: str | None = None) -> None:
     coordinator = w.dep.coordinator(crash_at)
     children = [w.dep.agent(name) for name in agents]
@@ -380,6 +392,7 @@ async def test_nats_server_loses_what_it_had_not_synced(prefix: str, scenario: s
                 specs = workload(tag, 15, seed=seed, flaky=0.0)
                 await w.client.submit_all(specs)
                 await all_terminal(w, [s.task_id for s in specs])
+                await agents_acked(w, "worker", "finisher")
                 if tag == "one":
                     await nats.restart(w, sync=True)
                 elif tag == "two":
@@ -480,6 +493,7 @@ async def test_tail_follows_the_ledger_across_a_nats_server_restart(
                 # Within seconds: the tail's consumer died with the server, and nats-py
                 # made it anew only ~18 s later at its default heartbeat.
                 await until(lambda p=position: p in tailed_positions(tail.log_file), within=10)
+                await agents_acked(w, "worker", "finisher")
                 if tag == "one":
                     await nats.restart(w, sync=True)
                 elif tag == "two":
