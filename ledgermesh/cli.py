@@ -115,8 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="operator principal (default: the --nkey file's, or operator)")
     nats_options(approve)
 
-    status = commands.add_parser("status", help="health of the coordinator and agents (reads as "
-                                 "the observer: --nkey AUTH_DIR/observer.nk on a secured server)")
+    status = commands.add_parser(
+        "status", help="health of the coordinator and agents (reads as the observer: --nkey "
+        "AUTH_DIR/observer.nk on a secured server)",
+        epilog="exit status:\n"
+               "  0  the coordinator is ok, and every agent of the policy runs its instances\n"
+               "  1  the coordinator is not answering, or not ok (degraded)\n"
+               "  3  the coordinator is ok, but an agent runs fewer instances than the\n"
+               "     policy's `instances` (none: not answering)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     nats_options(status)
     status.add_argument("--config", type=Path, default=Path("ledgermesh.toml"),
                         help="policy naming the agents to ask (default ./ledgermesh.toml)")

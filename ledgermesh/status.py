@@ -43,11 +43,13 @@ def status_command(nats_url: str, prefix: str, config: Path, *, nkey: Path | Non
 
     anyio.run(main)
     coordinator = report["coordinator"]
-    healthy = coordinator is not None and coordinator["status"] == "ok"
+    code = _exit_code(report, policy)
     if as_json:
         print(json.dumps(report))
-        return 0 if healthy else 1
+        return code
     style = stdout_style()
+    if policy is None:
+        style.out(style.dim(f"no policy at {config}: agents not asked (give --config FILE)"))
     if coordinator is None:
         style.out(style.red(f"coordinator: not answering on {nats_url} (prefix {prefix})"))
     else:
@@ -77,7 +79,21 @@ def status_command(nats_url: str, prefix: str, config: Path, *, nkey: Path | Non
                            - set(report["agents"])):
             style.out(f"principal {name}")
             _refusals(style, coordinator, name)
-    return 0 if healthy else 1
+    return code
+
+
+# Exit codes, for scripts and health checks (see `ledgermesh status --help`).
+HEALTHY, COORDINATOR_DOWN, AGENTS_SHORT = 0, 1, 3
+
+
+def _exit_code(report: dict[str, Any], policy: Policy | None) -> int:
+    coordinator = report["coordinator"]
+    if coordinator is None or coordinator["status"] != "ok":
+        return COORDINATOR_DOWN
+    if policy is not None and any(report["instances"][name] < policy.agents[name].instances
+                                  for name in policy.agents):
+        return AGENTS_SHORT
+    return HEALTHY
 
 
 def _summed(instances: list[dict[str, Any]]) -> dict[str, Any] | None:

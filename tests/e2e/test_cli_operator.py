@@ -52,7 +52,7 @@ async def cli(nats: EmbeddedNats, prefix: str, *args: str) -> subprocess.Complet
 async def test_operator_commands_are_recorded_or_refused_clearly(
         running: Path, nats_server: EmbeddedNats, prefix: str) -> None:
     status = await cli(nats_server, prefix, "status", "--config", str(POLICY), "--json")
-    assert status.returncode == 0, status.stderr
+    assert status.returncode == 3, status.stderr  # the coordinator is ok, its agents are not
     report = json.loads(status.stdout)
     assert report["coordinator"]["status"] == "ok"
     assert report["agents"]["triage"] is None  # no agent runs here: reported, not hidden
@@ -99,7 +99,7 @@ async def test_operator_commands_are_recorded_or_refused_clearly(
     assert coordinator["ledger_position"] == coordinator["relayed_position"] == last[0]
     assert last[0] >= 5  # submitted, assigned, approved, suspended, resumed
     human = await cli(nats_server, prefix, "status", "--config", str(POLICY))
-    assert human.returncode == 0
+    assert human.returncode == 3
     assert "coordinator: ok" in human.stdout
     assert f"ledger position {last[0]} · relay lag 0 events" in human.stdout
     assert "not answering" in human.stdout
@@ -126,10 +126,15 @@ async def test_operator_commands_are_recorded_or_refused_clearly(
     assert refused["summary"].startswith("refused: not_operator: ")
 
 
-async def test_status_without_a_coordinator_says_so(nats_server: EmbeddedNats, prefix: str) -> None:
+async def test_status_without_a_coordinator_says_so(nats_server: EmbeddedNats, prefix: str,
+                                                    tmp_path: Path) -> None:
     done = await cli(nats_server, prefix, "status", "--config", str(POLICY))
     assert done.returncode == 1
     assert "coordinator: not answering" in done.stdout
+    # Without a policy it cannot know the agents: it says so, rather than list none.
+    done = await cli(nats_server, prefix, "status", "--config", str(tmp_path / "none.toml"))
+    assert done.returncode == 1
+    assert f"no policy at {tmp_path / 'none.toml'}: agents not asked" in done.stdout
 
 
 async def test_status_counts_the_instances_of_each_agent(
@@ -154,7 +159,7 @@ async def test_status_counts_the_instances_of_each_agent(
             while True:
                 status = await cli(nats_server, prefix, "status", "--config", str(POLICY),
                                    "--json")
-                assert status.returncode == 0, status.stderr
+                assert status.returncode == 3, status.stderr  # writer & co. are not running
                 report = json.loads(status.stdout)
                 if report["agents"]["researcher"]["handled"] == 6:
                     break
@@ -168,11 +173,19 @@ async def test_status_counts_the_instances_of_each_agent(
         wants_three.write_text(POLICY.read_text().replace(
             "[agents.researcher]\n", "[agents.researcher]\ninstances = 3\n"))
         human = await cli(nats_server, prefix, "status", "--config", str(wants_three))
-        assert human.returncode == 0, human.stderr
+        assert human.returncode == 3, human.stderr
         line = next(x for x in human.stdout.splitlines() if x.startswith("agent researcher"))
         assert "up · 2 of 3 instances · handled 6 · failed 0" in line
         human = await cli(nats_server, prefix, "status", "--config", str(POLICY))
         assert "agent researcher   up · 2 instances · handled" in human.stdout
+        # The exit status, for a health check: 0 once every agent of the policy runs as
+        # many instances as it asks for, 3 while one runs fewer.
+        for wanted, code in ((2, 0), (3, 3)):
+            alone = tmp_path / f"researcher-{wanted}.toml"
+            alone.write_text(f'[agents.researcher]\ndescription = "alone"\n'
+                             f"instances = {wanted}\n")
+            done = await cli(nats_server, prefix, "status", "--config", str(alone))
+            assert done.returncode == code, done.stdout + done.stderr
     finally:
         await stop_all(researchers)
 
