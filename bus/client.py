@@ -242,6 +242,7 @@ class Inbound:
         await self._msg.in_progress()
 
 
+HAND_BACK_S = 2.0  # a stopping pull hands back what it was sent ahead, for up to this long
 OBSERVE_HEARTBEAT_S = 1.0  # a follower resumes within ~2-3 s of a server restart
 
 
@@ -569,8 +570,18 @@ class Bus:
         pending: OrderedDict[str, list[float]] = OrderedDict()
         ended = [anyio.Event()]  # set when a request ends: time to ask for more
         missing = [False]  # the server said the consumer does not exist (yet)
+        handing_back = [False]  # pulling stopped: what still arrives goes back at once
+        waiting: set[anyio.CancelScope] = set()  # arrivals waiting for room in ``out``
+        arriving = [0]
 
         async def arrive(msg: Msg) -> None:
+            arriving[0] += 1
+            try:
+                await take(msg)
+            finally:
+                arriving[0] -= 1
+
+        async def take(msg: Msg) -> None:
             # Each message goes from nats-py's delivery task straight into ``out``, not
             # through a stream of our own and a second task: one hand-off per message
             # instead of two (not ``next_msg`` either: a task and a uuid4 per message).
@@ -588,17 +599,30 @@ class Bus:
                 if oldest[0] <= 0:
                     pending.popitem(last=False)
                     ended[0].set()
-            stream_seq, delivered = _sequence_and_delivered(msg)
-            inbound = Inbound(subject=msg.subject, data=msg.data, headers=headers or {},
-                              stream_seq=stream_seq, delivered=delivered, _msg=msg)
-            # A reader gone (shutting down) leaves the message unacked: it is redelivered.
-            with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                try:
-                    out.send_nowait(inbound)
-                except anyio.WouldBlock:
-                    # The reader is behind: wait for room (what arrives meanwhile is
-                    # bounded by the credit the pull requests extend).
-                    await out.send(inbound)
+            if not handing_back[0]:
+                stream_seq, delivered = _sequence_and_delivered(msg)
+                inbound = Inbound(subject=msg.subject, data=msg.data, headers=headers or {},
+                                  stream_seq=stream_seq, delivered=delivered, _msg=msg)
+                # A reader gone (shutting down) leaves the message unacked: redelivered.
+                with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    try:
+                        out.send_nowait(inbound)
+                        return
+                    except anyio.WouldBlock:
+                        # The reader is behind: wait for room (what arrives meanwhile is
+                        # bounded by the credit the pull requests extend), unless pulling
+                        # stops first.
+                        with anyio.CancelScope() as scope:
+                            waiting.add(scope)
+                            try:
+                                await out.send(inbound)
+                                return
+                            finally:
+                                waiting.discard(scope)
+            # Not taken: back to the server, redelivered now (to another instance, say)
+            # rather than after the ack wait.
+            with suppress(nats.errors.Error):
+                await msg.nak()
 
         sub = await self._nc.subscribe(f"{inbox}.*", cb=arrive)
         counter = 0
@@ -644,6 +668,16 @@ class Bus:
                     del pending[token]
         finally:
             with anyio.CancelScope(shield=True):
+                # The server sent ahead of the reader (up to two batches): hand back what
+                # waits in the subscription, and what arrives while it does, before
+                # unsubscribing drops it. Each would otherwise wait out the ack wait.
+                handing_back[0] = True
+                for scope in waiting:
+                    scope.cancel()
+                with anyio.move_on_after(HAND_BACK_S):
+                    # (nats-py's queue signals nothing as it empties: polled)
+                    while (sub.pending_msgs or arriving[0]) and not self._nc.is_closed:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
                 await sub.unsubscribe()
 
     async def serve_observe(self, stream: str, subject: str, out: MemoryObjectSendStream[Observed],

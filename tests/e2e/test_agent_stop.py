@@ -26,12 +26,19 @@ from agents import Agent, Context
 from schemas import SubmitTask
 
 slowpoke = Agent("slowpoke")
+one_at_a_time = Agent("slowpoke", concurrency=1)
 
 @slowpoke.on(SubmitTask)
 async def work(ctx: Context, task: SubmitTask) -> None:
     await ctx.say("started")
     await anyio.sleep(3)
     await ctx.complete("done after 3 s")
+
+@one_at_a_time.on(SubmitTask)
+async def one(ctx: Context, task: SubmitTask) -> None:
+    await ctx.say("started")
+    await anyio.sleep(1)
+    await ctx.complete("done after 1 s")
 '''
 
 
@@ -87,3 +94,46 @@ async def test_sigterm_lets_the_handler_in_hand_finish(nats_server: EmbeddedNats
     log = agent.log_file.read_text()
     assert "stopping on SIGTERM: finishing the work in hand" in log
     assert "slowpoke: finished the work in hand (1 handled in all); stopping" in log
+
+
+async def test_sigterm_hands_back_what_was_sent_ahead(nats_server: EmbeddedNats, prefix: str,
+                                                      tmp_path: Path) -> None:
+    """The server sends an instance more deliveries than it runs at once (one here). As it
+    stops, those go back to the server, and the instance that replaces it takes them at
+    once: none waits out the 30 s ack wait."""
+    (tmp_path / "ledgermesh.toml").write_text(POLICY)
+    (tmp_path / "slow_agents.py").write_text(AGENT)
+    ledger, logs = tmp_path / "ledger.db", tmp_path / "logs"
+    common = ["--nats", nats_server.url, "--prefix", prefix]
+    env = {"PYTHONPATH": str(tmp_path)}
+    run_one = ["agent", "run", "slow_agents:one_at_a_time", *common]
+    children: list[Child] = [
+        spawn("coordinator", ["coordinator", "run", *common, "--ledger", str(ledger),
+                              "--config", str(tmp_path / "ledgermesh.toml")], logs),
+        spawn("first", run_one, logs, service="slowpoke", env=env),
+    ]
+    subjects = Subjects(prefix)
+    tasks = [f"t-ahead-{n}" for n in range(6)]
+    try:
+        async with open_bus(BusSettings(url=nats_server.url, name="test")) as bus:
+            await wait_ready(bus, subjects, children)
+            for task_id in tasks:
+                submit = Envelope(id=f"s-{task_id}", sender="client", task_id=task_id,
+                                  sent_at=utc_now(), body=SubmitTask(to="slowpoke", title="x"))
+                await bus.publish(subjects.intake("client"), Codec().encode(submit),
+                                  msg_id=submit.id)
+            await until(lambda: all("task.assigned" in kinds(ledger, t) for t in tasks), 20)
+            await until(lambda: any("message.said" in kinds(ledger, t) for t in tasks), 20)
+            first = children[1]
+            first.process.send_signal(signal.SIGTERM)
+            await until(lambda: not first.alive(), 15)
+            children.append(spawn("second", run_one, logs, service="slowpoke", env=env))
+            await wait_ready(bus, subjects, children[2:])
+            # One at a time, ~1 s each: well inside the ack wait.
+            await until(lambda: all("task.completed" in kinds(ledger, t) for t in tasks), 20)
+    finally:
+        await stop_all(children)
+    assert first.process.returncode == 0, first.log_tail()
+    for task_id in tasks:  # each ran once: no timeout, no second assignment
+        assert kinds(ledger, task_id) == ["task.submitted", "task.assigned", "message.said",
+                                          "task.completed"]
