@@ -8,8 +8,10 @@ JetStream's and the ledger's deduplication.
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
@@ -213,11 +215,25 @@ def import_attr(spec: str, what: str, example: str) -> object:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise AgentLoadError(f"cannot import {module_name!r}: {exc}") from exc
+        raise AgentLoadError(f"cannot import {module_name!r}: {exc}"
+                             + _hidden(module_name)) from exc
     found = getattr(module, attr, None)
     if found is None:
         raise AgentLoadError(f"{spec} is nothing, not {what}")
     return found
+
+
+def _hidden(module_name: str) -> str:
+    """Why ``./pkg/mod.py`` is not found as ``pkg.mod``: an installed ``pkg`` (one of
+    ledgermesh's own, say ``agents``) takes the name."""
+    top = module_name.partition(".")[0]
+    taken = sys.modules.get(top)
+    mine = Path(top).is_dir() or Path(f"{top}.py").is_file()
+    where = getattr(taken, "__file__", None)
+    if taken is None or not mine or where is None or Path(where).is_relative_to(Path.cwd()):
+        return ""
+    return (f" (the name {top!r} is taken by {Path(where).parent}, which hides ./{top}: "
+            f"rename yours, e.g. my{top}/)")
 
 
 def load_agent(spec: str) -> Agent:

@@ -374,13 +374,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# The distribution's top-level packages (pyproject.toml), imported lazily by the commands.
+_OWN_PACKAGES = ("agents", "bus", "coordinator", "ledgermesh", "schemas")
+
+
 def _search_current_directory() -> None:
     """``ledgermesh agent run myapp.agents:writer`` finds ``myapp/`` in the current
     directory, as ``python -m`` would: a console script's import path starts at its own
     ``bin/``. Last, so that nothing there can shadow what ledgermesh itself imports."""
     here = os.getcwd()
-    if "" not in sys.path and here not in sys.path:
-        sys.path.append(here)
+    if "" in sys.path or here in sys.path:
+        return
+    # Last is not enough for a folder of the same name as one of ledgermesh's packages (an
+    # ``agents/`` of one's own is common): without an ``__init__.py`` it is a namespace
+    # package, found on the path before an editable install's finder is asked. Ours are
+    # imported first then (only then: each import costs start-up time).
+    for name in _OWN_PACKAGES:
+        if os.path.isdir(name) or os.path.isfile(f"{name}.py"):
+            importlib.import_module(name)
+    sys.path.append(here)
 
 
 def _reader_gone() -> int:

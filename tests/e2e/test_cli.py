@@ -545,6 +545,34 @@ def test_the_console_script_imports_agents_from_the_current_directory(tmp_path: 
     assert "nowhere.db" in done.stderr  # got as far as the ledger: the agent was loaded
 
 
+def test_a_folder_named_like_a_package_of_ledgermesh_does_not_break_it(tmp_path: Path) -> None:
+    """An ``agents/`` folder of one's own (no ``__init__.py``: a namespace package) or a
+    ``bus.py`` in the current directory stood in for ledgermesh's own packages: commands
+    died with an ImportError traceback. Now they work, and a module in that folder, which
+    ledgermesh's package hides, is named as the reason it cannot be imported."""
+    script = Path(sys.executable).parent / "ledgermesh"
+    (tmp_path / "agents").mkdir()
+    (tmp_path / "agents" / "summ.py").write_text("x = 1\n")
+    (tmp_path / "bus.py").write_text("x = 1\n")
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "team.py").write_text(
+        "from agents import Agent\nwriter = Agent('writer')\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(script), *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+
+    done = run("replay-agent", "myapp.team:writer", "--ledger", "nowhere.db", "--task", "t-1")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "nowhere.db" in done.stderr  # the agent was loaded
+    done = run("replay-agent", "agents.summ:x", "--ledger", "nowhere.db", "--task", "t-1")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "cannot import 'agents.summ'" in done.stderr
+    assert "which hides ./agents: rename yours" in done.stderr
+
+
 @pytest.mark.parametrize("command", [
     ["coordinator", "run", "--ledger", "ledger.db", "--config",
      str(Path(__file__).parents[2] / "agents" / "examples" / "ledgermesh.toml")],
