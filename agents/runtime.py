@@ -373,6 +373,16 @@ async def handle(agent: Agent, ctx: Context, counters: _Counters | None = None) 
             await ctx.fail(f"{agent.name} has no handler for {type(body).__name__}")
         else:
             await handler(ctx, body)
+            if not ctx.finished:
+                # Returning is not finishing: the attempt would wait out its deadline, and
+                # each retry its own, with no word of why.
+                reason = (f"{agent.name}'s handler for {type(body).__name__} returned "
+                          "without finishing the task (ctx.complete, handoff, decline or fail)")
+                counters.failed += 1
+                counters.last_error = reason
+                log.warning("%s: task %s: %s", agent.name, ctx.task_id, reason)
+                await ctx.fail(reason, retryable=True)
+                return
         counters.handled += 1
     except BusError:
         raise

@@ -8,6 +8,7 @@ JetStream's and the ledger's deduplication.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -94,6 +95,11 @@ class Agent:
         def register(
             fn: Callable[[Context, B], Awaitable[None]],
         ) -> Callable[[Context, B], Awaitable[None]]:
+            if not (inspect.iscoroutinefunction(fn)
+                    or inspect.iscoroutinefunction(type(fn).__call__)):
+                # (else it fails only when a task comes, as "can't be used in 'await'")
+                raise TypeError(f"{self.name}: the handler for {body_type.__name__} must be "
+                                f"an async def, not {fn!r}")
             self.handlers[body_type] = fn
             return fn
 
@@ -140,6 +146,9 @@ class Context:
 
     async def handoff(self, to: str, payload: dict[str, Any] | None = None, *,
                       reason: str) -> None:
+        if not is_token(to):  # the coordinator would refuse it as malformed, off the task
+            raise ValueError(f"task {self.task_id}: cannot hand off to {to!r}: agent names "
+                             "are letters, digits, '-' or '_'")
         await self._send(HandoffRequest(to=to, reason=reason, payload=payload or {}))
         self.finished = True
 
