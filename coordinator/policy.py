@@ -13,6 +13,7 @@ max_attempts = 3                 # tries (timeouts, retryable failures) before d
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 
@@ -105,16 +106,19 @@ def parse_policy(text: str, source: str = "ledgermesh.toml") -> Policy:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{source}: {exc}") from exc
-    # Convert agent tables one by one so a mistake is reported as agents.NAME, and all of
-    # them at once rather than the first.
-    mistakes: list[str] = []
-    agents = raw.get("agents", {})
-    if isinstance(agents, dict):
-        for name, table in agents.items():
+    # Every unknown key first, then each agent's and tool's table on its own (without
+    # them), so a mistake is reported as agents.NAME, and all at once rather than the first.
+    mistakes = _unknown_keys(raw, Policy, "")
+    for section, struct in (("agents", AgentPolicy), ("tools", ToolPolicy)):
+        tables = raw.get(section, {})
+        for name, table in tables.items() if isinstance(tables, dict) else ():
+            mistakes += _unknown_keys(table, struct, f"{section}.{name}.")
+            known = ({k: v for k, v in table.items() if k in struct.__struct_fields__}
+                     if isinstance(table, dict) else table)
             try:
-                msgspec.convert(table, AgentPolicy)
+                msgspec.convert(known, struct)
             except msgspec.ValidationError as exc:
-                mistakes.append(f"agents.{name}: {_where(exc)}")
+                mistakes.append(f"{section}.{name}: {_where(exc)}")
     if mistakes:
         raise PolicyError(f"{source}: " + "; ".join(mistakes))
     try:
@@ -125,6 +129,23 @@ def parse_policy(text: str, source: str = "ledgermesh.toml") -> Policy:
     if problems:
         raise PolicyError(f"{source}: " + "; ".join(problems))
     return policy
+
+
+def _unknown_keys(table: object, struct: type[msgspec.Struct], where: str) -> list[str]:
+    if not isinstance(table, dict):
+        return []
+    known = struct.__struct_fields__
+    out = []
+    for key, value in table.items():
+        if key in known:
+            continue
+        near = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        if where.startswith("tools.") and isinstance(value, dict):
+            # [tools.kb.search] is the table "search" inside the tool "kb"
+            hint = f' (a tool name with dots is quoted: [tools."{where[6:]}{key}"])'
+        out.append(f"{where}{key}: unknown key{hint}")
+    return out
 
 
 def _where(exc: msgspec.ValidationError) -> str:
@@ -148,6 +169,11 @@ def load_policy(path: Path) -> Policy:
     return parse_policy(text, str(path))
 
 
+# Principals of ledgermesh itself: an agent or client of that name would be taken for
+# them in the ledger (the coordinator's own decisions) and in the NATS auth config.
+RESERVED = ("coordinator", "observer", "tools")
+
+
 def _problems(policy: Policy) -> list[str]:
     out: list[str] = []
     if not policy.agents:
@@ -155,6 +181,8 @@ def _problems(policy: Policy) -> list[str]:
     for name, agent in policy.agents.items():
         if not is_token(name):
             out.append(f"agents.{name}: name must be letters, digits, '-' or '_'")
+        if name in RESERVED:
+            out.append(f"agents.{name}: {name!r} is ledgermesh's own principal; rename it")
         for target in agent.handoff_to:
             if target not in policy.agents:
                 out.append(f"agents.{name}.handoff_to: unknown agent {target!r}")
@@ -170,9 +198,12 @@ def _problems(policy: Policy) -> list[str]:
                            f"(declare [tools.\"{tool}\"])")
         if agent.rate_per_s is not None and agent.rate_per_s <= 0:
             out.append(f"agents.{name}.rate_per_s: must be positive")
-    for name in policy.submitters:
-        if not is_token(name):
-            out.append(f"submitters: {name!r} is not a valid principal name")
+    for field in ("submitters", "operators"):
+        for name in getattr(policy, field):
+            if not is_token(name):
+                out.append(f"{field}: {name!r} is not a valid principal name")
+            elif name in RESERVED:
+                out.append(f"{field}: {name!r} is ledgermesh's own principal; rename it")
     if policy.max_payload_bytes < 1024:
         out.append("max_payload_bytes: must be at least 1024")
     return out

@@ -60,13 +60,10 @@ from typing import Any
 import nkeys
 
 from bus.client import BusError, Credentials, check_nkey_seed
-from coordinator.policy import Policy, load_policy
+from coordinator.policy import RESERVED, Policy, load_policy
 from schemas import LedgermeshError, Subjects, is_token
 
-COORDINATOR = "coordinator"
-OBSERVER = "observer"
-TOOLS = "tools"  # every tool host process (``ToolHost``) connects as this principal
-RESERVED = (COORDINATOR, OBSERVER, TOOLS)
+COORDINATOR, OBSERVER, TOOLS = RESERVED  # tool hosts (``ToolHost``) connect as ``tools``
 CONFIG_NAME = "auth.conf"
 SEED_SUFFIX = ".nk"
 NKEY_ENV = "LEDGERMESH_NKEY"

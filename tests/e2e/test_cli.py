@@ -422,11 +422,30 @@ def test_a_bad_policy_is_reported_with_its_location(tmp_path: Path) -> None:
     policy.write_text('[agents.a]\nhandoff_to = ["ghost"]\ncolour = "blue"\n')
     done = run_cli("policy", "check", str(policy), timeout=30)
     assert done.returncode == 2
-    assert "unknown field `colour`" in done.stderr
-    assert "agents.a" in done.stderr
+    assert "agents.a.colour: unknown key" in done.stderr
     policy.write_text('[agents.a]\nhandoff_to = ["ghost"]\n')
     done = run_cli("policy", "check", str(policy), timeout=30)
     assert "agents.a.handoff_to: unknown agent 'ghost'" in done.stderr
+
+
+def test_a_policy_with_several_mistakes_has_them_all_reported_at_once(tmp_path: Path) -> None:
+    """Typos in keys, with the key meant; a wrong type in another table; a dotted tool name
+    left unquoted; a name ledgermesh keeps for itself. They came one per run."""
+    policy = tmp_path / "ledgermesh.toml"
+    policy.write_text('submiters = ["x"]\n[agents.a]\nhandof_to = ["b"]\n'
+                      '[agents.b]\ndeadline_s = "soon"\n[tools.kb.search]\ndescription = "s"\n')
+    done = run_cli("policy", "check", str(policy), timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"error: {policy}: submiters: unknown key (did you mean submitters?); "
+        "agents.a.handof_to: unknown key (did you mean handoff_to?); "
+        "agents.b: Expected `float`, got `str` (at deadline_s); "
+        'tools.kb.search: unknown key (a tool name with dots is quoted: [tools."kb.search"])')
+    policy.write_text('operators = ["tools"]\n[agents.coordinator]\n')
+    done = run_cli("policy", "check", str(policy), timeout=30)
+    assert done.stderr.strip() == (
+        f"error: {policy}: agents.coordinator: 'coordinator' is ledgermesh's own principal; "
+        "rename it; operators: 'tools' is ledgermesh's own principal; rename it")
 
 
 def test_demo_refuses_a_data_dir_that_is_a_file(tmp_path: Path) -> None:
