@@ -87,7 +87,9 @@ def submit_command(nats_url: str, prefix: str, *, to: str, title: str, payload_t
 
     envelope = Envelope(id=str(uuid.uuid4()), sender=who, task_id=task, sent_at=utc_now(),
                         body=SubmitTask(to=to, title=title, payload=payload))
-    with_key = f" --nkey {nkey}" if nkey is not None else ""  # (a client may read the ledger)
+    # The tail command to paste: the same server, prefix and key (a client may read).
+    with_key = ((f" --prefix {prefix}" if prefix != Subjects().prefix else "")
+                + (f" --nkey {nkey}" if nkey is not None else ""))
     event = await_verdict(settings, subjects, envelope, wait,
                           watch=(subjects.ledger_of_task(task),),
                           verdicts=(subjects.ledger("task", task, "task.submitted"),))
@@ -185,6 +187,9 @@ def await_verdict(settings: BusSettings, subjects: Subjects, envelope: Envelope,
                                  "it again") from None
         if isinstance(exc, LedgermeshError):
             raise  # (cannot connect, refused credentials: already one clear line)
+        ours = _ours(exc)
+        if ours is not None:  # e.g. no ledger stream to watch: no coordinator on --prefix
+            raise NoVerdictError(f"{what} was not sent: {ours}") from None
         raise NoVerdictError(f"{what} was not sent: the connection to NATS failed first "
                              f"({cause}); send it again") from None
     return found[0] if found else None
@@ -195,6 +200,13 @@ def _lost_connection(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_lost_connection(inner) for inner in exc.exceptions)
     return isinstance(exc, (*CONNECTION_ERRORS, LedgermeshError))
+
+
+def _ours(exc: BaseException) -> LedgermeshError | None:
+    """The first of ledgermesh's own errors in a group (already one clear line)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return next((e for e in map(_ours, exc.exceptions) if e is not None), None)
+    return exc if isinstance(exc, LedgermeshError) else None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -79,3 +79,37 @@ def test_a_submit_that_loses_nats_says_the_task_was_sent_in_one_line(
     else:  # or it ran out of time while reconnecting
         assert code == 1, said
         assert "not recorded yet" in said
+
+
+def test_a_submit_to_a_prefix_no_coordinator_ran_with_says_so(
+        nats_without_coordinator: tuple[str, subprocess.Popen[bytes]]) -> None:
+    """A mistyped --prefix: no ledger stream to watch, so nothing is sent, and the error
+    says where to look, not that the connection failed (it did not) or to send it again."""
+    url, _ = nats_without_coordinator
+    done = subprocess.run([sys.executable, "-m", "ledgermesh", "submit", "--nats", url,
+                           "--prefix", "lmx", "--to", "triage", "--title", "x",
+                           "--task-id", "t-typo"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: task t-typo was not sent: cannot follow lmx.ledger.task.t-typo.> in stream "
+        "LMX_LEDGER (is the coordinator running with this --prefix?): stream not found")
+
+
+def test_the_hint_to_watch_a_task_names_its_prefix(
+        nats_without_coordinator: tuple[str, subprocess.Popen[bytes]]) -> None:
+    """Pasted as printed, the hint must follow the prefix the task went to."""
+    url, _ = nats_without_coordinator
+
+    async def make_streams() -> None:
+        async with open_bus(BusSettings(url=url, name="test")) as bus:
+            await bus.ensure_streams(streams(Subjects("p2"), 1 << 20))
+
+    anyio.run(make_streams)
+    done = subprocess.run([sys.executable, "-m", "ledgermesh", "submit", "--nats", url,
+                           "--prefix", "p2", "--to", "triage", "--title", "x",
+                           "--task-id", "t-p2"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 1  # no coordinator: no verdict
+    assert (f"watch for it:  ledgermesh tail --nats {url} --prefix p2 --task t-p2 "
+            "--until-closed") in done.stdout
