@@ -248,7 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
     policy_commands = policy.add_subparsers(dest="action", metavar="ACTION", required=True)
     check = policy_commands.add_parser("check", help="validate a policy file")
     check.add_argument("file", type=Path)
+    _debug_anywhere(commands)
     return parser
+
+
+def _debug_anywhere(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``--debug`` after the command too (``ledgermesh agent run X --debug``), where a
+    person adds it. (Not given there, it leaves the top-level value alone.)"""
+    for name, sub in commands.choices.items():
+        if name == "bench":  # its arguments are the harness's own
+            continue
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _debug_anywhere(nested[0])
+        else:
+            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks and debug logs")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -417,6 +417,18 @@ def test_user_mistakes_get_one_clear_line(args: list[str], message: str) -> None
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_wherever_it_is_put(where: str, tmp_path: Path) -> None:
+    command = ["replay", "--ledger", str(tmp_path / "none.db")]
+    args = ["--debug", *command] if where == "before" else [*command, "--debug"]
+    done = run_cli(*args, timeout=30)
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr
+    assert done.stderr.strip().endswith(f"LedgerError: no ledger at {tmp_path / 'none.db'} "
+                                        "(expected a SQLite file made by ledgermesh, or "
+                                        "postgresql://…)")
+
+
 def test_a_bad_policy_is_reported_with_its_location(tmp_path: Path) -> None:
     policy = tmp_path / "ledgermesh.toml"
     policy.write_text('[agents.a]\nhandoff_to = ["ghost"]\ncolour = "blue"\n')
