@@ -216,8 +216,11 @@ class Context:
         )
 
 
-def import_attr(spec: str, what: str, example: str) -> object:
-    """Import ``module:attr``; AgentLoadError (one clear line) if it cannot be found."""
+T = TypeVar("T")
+
+
+def import_attr(spec: str, kind: type[T], example: str) -> T:
+    """Import ``module:attr``, a ``kind``; AgentLoadError (one clear line) if it is not."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise AgentLoadError(f"expected module:attr (e.g. {example}), got {spec!r}")
@@ -227,9 +230,14 @@ def import_attr(spec: str, what: str, example: str) -> object:
         raise AgentLoadError(f"cannot import {module_name!r}: {exc}"
                              + _hidden(module_name)) from exc
     found = getattr(module, attr, None)
-    if found is None:
-        raise AgentLoadError(f"{spec} is nothing, not {what}")
-    return found
+    if isinstance(found, kind):
+        return found
+    article = "an" if kind.__name__[0] in "AEIOU" else "a"
+    there = sorted(name for name, value in vars(module).items() if isinstance(value, kind))
+    offer = (f"; {module_name} has {', '.join(f'{module_name}:{n}' for n in there)}" if there
+             else f"; {module_name} has no {kind.__name__}")
+    got = "nothing" if found is None else type(found).__name__
+    raise AgentLoadError(f"{spec} is {got}, not {article} {kind.__name__}{offer}")
 
 
 def _hidden(module_name: str) -> str:
@@ -247,7 +255,4 @@ def _hidden(module_name: str) -> str:
 
 def load_agent(spec: str) -> Agent:
     """Import ``module:attr`` and return the Agent it names."""
-    agent = import_attr(spec, "an Agent", "agents.examples.support:triage")
-    if not isinstance(agent, Agent):
-        raise AgentLoadError(f"{spec} is {type(agent).__name__}, not an Agent")
-    return agent
+    return import_attr(spec, Agent, "agents.examples.support:triage")

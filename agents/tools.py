@@ -24,7 +24,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from agents.sdk import AgentLoadError, import_attr
+from agents.sdk import import_attr
 from bus.client import BusSettings, Credentials, open_bus
 from schemas import Failure, Subjects, ToolInvocation, ToolOutcome
 
@@ -50,10 +50,7 @@ class ToolHost:
 
 
 def load_tool_host(spec: str) -> ToolHost:
-    host = import_attr(spec, "a ToolHost", "agents.examples.support:desk_tools")
-    if not isinstance(host, ToolHost):
-        raise AgentLoadError(f"{spec} is {type(host).__name__}, not a ToolHost")
-    return host
+    return import_attr(spec, ToolHost, "agents.examples.support:desk_tools")
 
 
 @dataclass(frozen=True)

@@ -398,7 +398,13 @@ def test_a_reader_that_stops_early_is_no_error(demo: tuple[dict[str, object], Pa
          "error: --metrics takes HOST:PORT (e.g. 127.0.0.1:9464), got '9464'"),
         (["audit", "t-1", "--ledger", "/nonexistent/ledger.db"], "error: no ledger at"),
         (["agent", "run", "agents.examples.support:nobody"],
-         "error: agents.examples.support:nobody is nothing, not an Agent"),
+         "error: agents.examples.support:nobody is nothing, not an Agent; "
+         "agents.examples.support has agents.examples.support:researcher, "
+         "agents.examples.support:reviewer, agents.examples.support:triage, "
+         "agents.examples.support:writer"),
+        (["tools", "run", "agents.examples.support:triage"],
+         "error: agents.examples.support:triage is Agent, not a ToolHost; "
+         "agents.examples.support has agents.examples.support:desk_tools"),
         (["agent", "run", "no_such_module:agent"], "error: cannot import 'no_such_module'"),
         (["agent", "run", "missing-colon"], "error: expected module:attr"),
         (["submit", "--to", "triage", "--title", "x", "--payload", "{not json"],
