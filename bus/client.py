@@ -642,8 +642,8 @@ class Bus:
                     now = time.monotonic()
                     if missing_since is None or now - missing_since > 10:
                         log.warning("consumer %s on %s does not exist yet; waiting (is the "
-                                    "coordinator running, with this agent in its policy?)",
-                                    spec.durable, spec.stream)
+                                    "coordinator running with this --prefix, and this agent "
+                                    "in its policy?)", spec.durable, spec.stream)
                         missing_since = now
                     await anyio.sleep(0.5)
                 owed = sum(int(p[0]) for p in pending.values())
