@@ -220,8 +220,8 @@ async def run_agent(agent: Agent, settings: AgentSettings, *,
                                   settings.credentials)
     refused = _Refusals(agent.name)
     if not agent.handlers:
-        log.warning("%s has no handlers (@%s.on(SubmitTask) …): every task it gets fails",
-                    agent.name, agent.name)
+        log.warning("%s has no handlers (register one: @agent.on(SubmitTask) on an async "
+                    "def): every task it gets fails", agent.name)
     async with open_bus(bus_settings, refused.note) as bus:
         # Streams and this agent's consumer are the coordinator's to create (from the
         # policy); until they exist the pull loop waits and says so.
