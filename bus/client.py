@@ -619,10 +619,11 @@ class Bus:
                                 return
                             finally:
                                 waiting.discard(scope)
-            # Not taken: back to the server, redelivered now (to another instance, say)
-            # rather than after the ack wait.
+            # Not taken: back to the server, for another instance, rather than after the
+            # ack wait. Not at once: our pull requests may be served until they expire (a
+            # nak storm, and the last redelivery lost in flight as we unsubscribe).
             with suppress(nats.errors.Error):
-                await msg.nak()
+                await msg.nak(delay=expires + 1.0)
 
         sub = await self._nc.subscribe(f"{inbox}.*", cb=arrive)
         counter = 0

@@ -37,8 +37,8 @@ async def work(ctx: Context, task: SubmitTask) -> None:
 @one_at_a_time.on(SubmitTask)
 async def one(ctx: Context, task: SubmitTask) -> None:
     await ctx.say("started")
-    await anyio.sleep(1)
-    await ctx.complete("done after 1 s")
+    await anyio.sleep(0.5)
+    await ctx.complete("done after 0.5 s")
 '''
 
 
@@ -99,8 +99,9 @@ async def test_sigterm_lets_the_handler_in_hand_finish(nats_server: EmbeddedNats
 async def test_sigterm_hands_back_what_was_sent_ahead(nats_server: EmbeddedNats, prefix: str,
                                                       tmp_path: Path) -> None:
     """The server sends an instance more deliveries than it runs at once (one here). As it
-    stops, those go back to the server, and the instance that replaces it takes them at
-    once: none waits out the 30 s ack wait."""
+    stops, those go back to the server, and the instance that replaces it takes them
+    within seconds (once the stopped one's pull requests have expired): none waits out the
+    30 s ack wait, which would end this test's wait."""
     (tmp_path / "ledgermesh.toml").write_text(POLICY)
     (tmp_path / "slow_agents.py").write_text(AGENT)
     ledger, logs = tmp_path / "ledger.db", tmp_path / "logs"
@@ -129,8 +130,8 @@ async def test_sigterm_hands_back_what_was_sent_ahead(nats_server: EmbeddedNats,
             await until(lambda: not first.alive(), 15)
             children.append(spawn("second", run_one, logs, service="slowpoke", env=env))
             await wait_ready(bus, subjects, children[2:])
-            # One at a time, ~1 s each: well inside the ack wait.
-            await until(lambda: all("task.completed" in kinds(ledger, t) for t in tasks), 20)
+            # Handed back for 6 s, then one at a time, 0.5 s each: well inside the ack wait.
+            await until(lambda: all("task.completed" in kinds(ledger, t) for t in tasks), 22)
     finally:
         await stop_all(children)
     assert first.process.returncode == 0, first.log_tail()
