@@ -64,6 +64,7 @@ async def _run(ctx: Context, plan: dict[str, Any]) -> None:
     hang = plan.get("hang_once")
     if hang and _first_run(str(hang)):
         await ctx.say("working on it")
+        await ctx.settle()  # stored before the hang (a say goes out at the next wait)
         outputs += 1
         note("hanging", ctx, outputs=[ctx.output_id(1)])
         await anyio.sleep(float(plan.get("hang_s", 60)))
