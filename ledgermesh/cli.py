@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     nats_options(tail)
     tail.add_argument("--task", default=None, metavar="TASK_ID", help="only this task")
     tail.add_argument("--from-start", action="store_true", help="begin at the first event")
-    tail.add_argument("--json", action="store_true", help="one JSON object per event")
+    tail.add_argument("--json", action="store_true",
+                      help="one JSON object per event: its ledger position and the event's "
+                           "fields, to read; `export` writes records as stored, to verify")
     tail.add_argument("--limit", type=int, default=None, help="stop after N events")
     tail.add_argument("--until-closed", action="store_true",
                       help="with --task: print the task from its first event and stop when it "
@@ -224,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema_commands = schema.add_subparsers(dest="action", metavar="ACTION", required=True)
     export = schema_commands.add_parser("export", help="write JSON Schema files")
     export.add_argument("--out", type=Path, default=None,
-                        help="directory (default: the package's schemas/json)")
+                        help="directory to write them to, for an agent in another language "
+                             "(default: the package's own schemas/json, the shipped copies: "
+                             "in a source checkout, regenerates them)")
 
     auth = commands.add_parser("auth", help="NATS accounts and credentials")
     auth_commands = auth.add_subparsers(dest="action", metavar="ACTION", required=True)
