@@ -7,6 +7,7 @@ ledger, which knows every message id it recorded, turns the redelivery into a no
 from __future__ import annotations
 
 import logging
+from contextlib import suppress
 
 import anyio
 from anyio.abc import TaskStatus
@@ -38,39 +39,51 @@ async def serve_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
     async with anyio.create_task_group() as tg, receive:
         await tg.start(bus.serve_pull, coordinator_consumer(subjects), send)
         task_status.started()
-        seen = 0  # the intake stream's last sequence at the previous idle turn
-        while True:
-            batch: list[Inbound] = []
-            # What waited during the last commit is taken without a turn of the event loop:
-            # on a writer thread, the writer starts on it while the relay publishes.
-            _take_waiting(receive, batch, batch_max)
+        # Pulling ends only at a stop (it hands back what it was sent first): between the
+        # commit in hand and the cancellation, the stream may be found closed.
+        with suppress(anyio.EndOfStream):
+            await _take_intake(bus, writer, writes, subjects, relay, health, receive,
+                               batch_max, crash, linger, receipts, idle_s)
+
+
+async def _take_intake(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,
+                       subjects: Subjects, relay: Doorbell, health: Health,
+                       receive: MemoryObjectReceiveStream[Inbound], batch_max: int,
+                       crash: CrashPoints, linger: float, receipts: ReceiptBook | None,
+                       idle_s: float) -> None:
+    seen = 0  # the intake stream's last sequence at the previous idle turn
+    while True:
+        batch: list[Inbound] = []
+        # What waited during the last commit is taken without a turn of the event loop:
+        # on a writer thread, the writer starts on it while the relay publishes.
+        _take_waiting(receive, batch, batch_max)
+        if not batch:
+            with anyio.move_on_after(idle_s):
+                batch.append(await receive.receive())
             if not batch:
-                with anyio.move_on_after(idle_s):
-                    batch.append(await receive.receive())
-                if not batch:
-                    seen = await _record_stranded(bus, writer, writes, subjects, relay, health,
-                                                  receipts, seen)
-                    continue
-                _take_waiting(receive, batch, batch_max)
-            if len(batch) == 1 and linger > 0 and not is_batch(batch[0].data):
-                # A lone envelope often has company on the way (an agent that publishes
-                # its say and its handoff one by one): a short wait for it saves a whole
-                # commit. Never more than once per batch, so load is not held up. (A
-                # batch is a handler's whole turn: nothing is to follow it.)
-                with anyio.move_on_after(linger):
-                    batch.append(await receive.receive())
-                _take_waiting(receive, batch, batch_max)
-            crash.reached("coordinator.after_receive", batch[0].data)
-            messages = await _in_stream_order(bus, subjects, writer.position, batch)
-            recorded = await _record_until_stored(messages, writer, writes, health)
-            relay.ring()  # recorded: the relay may publish while the acks go out
-            if receipts is not None:
-                receipts.add(messages, anyio.current_time(), recorded.refused)
-            crash.reached("coordinator.after_commit", batch[0].data)
-            # One ack for the batch (the consumer acks all up to it): it covers every
-            # message up to the newest in the stream, and everything up to there is
-            # recorded (the gaps were read above). Buffered: the next batch starts meanwhile.
-            await max(batch, key=lambda m: m.stream_seq).ack()
+                seen = await _record_stranded(bus, writer, writes, subjects, relay, health,
+                                              receipts, seen)
+                continue
+            _take_waiting(receive, batch, batch_max)
+        if len(batch) == 1 and linger > 0 and not is_batch(batch[0].data):
+            # A lone envelope often has company on the way (an agent that publishes
+            # its say and its handoff one by one): a short wait for it saves a whole
+            # commit. Never more than once per batch, so load is not held up. (A
+            # batch is a handler's whole turn: nothing is to follow it.)
+            with anyio.move_on_after(linger):
+                batch.append(await receive.receive())
+            _take_waiting(receive, batch, batch_max)
+        crash.reached("coordinator.after_receive", batch[0].data)
+        messages = await _in_stream_order(bus, subjects, writer.position, batch)
+        recorded = await _record_until_stored(messages, writer, writes, health)
+        relay.ring()  # recorded: the relay may publish while the acks go out
+        if receipts is not None:
+            receipts.add(messages, anyio.current_time(), recorded.refused)
+        crash.reached("coordinator.after_commit", batch[0].data)
+        # One ack for the batch (the consumer acks all up to it): it covers every
+        # message up to the newest in the stream, and everything up to there is
+        # recorded (the gaps were read above). Buffered: the next batch starts meanwhile.
+        await max(batch, key=lambda m: m.stream_seq).ack()
 
 
 async def _record_stranded(bus: Bus, writer: LedgerWriter, writes: LedgerWrites,

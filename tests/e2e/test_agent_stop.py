@@ -138,3 +138,35 @@ async def test_sigterm_hands_back_what_was_sent_ahead(nats_server: EmbeddedNats,
     for task_id in tasks:  # each ran once: no timeout, no second assignment
         assert kinds(ledger, task_id) == ["task.submitted", "task.assigned", "message.said",
                                           "task.completed"]
+
+
+async def test_sigterm_to_the_coordinator_in_a_burst_stops_it_cleanly(
+        nats_server: EmbeddedNats, prefix: str, tmp_path: Path) -> None:
+    """Stopped while intake is busy: it exits 0 with a signed checkpoint, no traceback
+    (the intake loop could find the pull closed under it between two commits)."""
+    (tmp_path / "ledgermesh.toml").write_text(POLICY)
+    ledger, logs = tmp_path / "ledger.db", tmp_path / "logs"
+    common = ["--nats", nats_server.url, "--prefix", prefix]
+    coordinator = spawn("coordinator", ["coordinator", "run", *common, "--ledger", str(ledger),
+                                        "--config", str(tmp_path / "ledgermesh.toml")], logs)
+    subjects = Subjects(prefix)
+    try:
+        async with open_bus(BusSettings(url=nats_server.url, name="test")) as bus:
+            await wait_ready(bus, subjects, [coordinator])
+            pending = []
+            for n in range(3000):
+                submit = Envelope(id=f"s-{n}", sender="client", task_id=f"t-burst-{n}",
+                                  sent_at=utc_now(), body=SubmitTask(to="slowpoke", title="x"))
+                pending.append(await bus.start_publish(subjects.intake("client"),
+                                                       Codec().encode(submit), msg_id=submit.id))
+            for ack in pending:
+                await ack.wait()
+            await until(lambda: ledger.exists() and len(kinds(ledger, "t-burst-0")) > 0, 20)
+            coordinator.process.send_signal(signal.SIGTERM)  # mid-burst
+            await until(lambda: not coordinator.alive(), 20)
+    finally:
+        await stop_all([coordinator])
+    log = coordinator.log_file.read_text()
+    assert coordinator.process.returncode == 0, log[-3000:]
+    assert "Traceback" not in log
+    assert "stopping: signed a checkpoint at position" in log
