@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
-from eventsourcing.persistence import Notification
+from eventsourcing.persistence import InterfaceError, Notification, OperationalError
 
 from bus.client import EXPECTED_LAST_MSG_ID, MSG_ID, Bus, BusError
 from bus.faults import NO_CRASH, CrashPoints
@@ -161,8 +161,7 @@ async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
         notifications: Sequence[Notification] | None = (
             None if read_log or feed is None else feed.after(position, page))
         if notifications is None:
-            notifications = await anyio.to_thread.run_sync(ledger.read, position, page,
-                                                           limiter=limiter)
+            notifications = await _read_log(ledger, position, page, limiter, health)
             read_log = len(notifications) == page  # a full page: more may be waiting
         if not notifications:
             # Quiet for a second: look at the log itself (a commit whose outcome the writer
@@ -186,6 +185,23 @@ async def serve_relay(bus: Bus, ledger: Ledger, limiter: anyio.CapacityLimiter,
         health.relayed_position = position
         if live is not None and position >= live.until:
             live = None  # caught up with the span it was read for
+
+
+async def _read_log(ledger: Ledger, position: int, page: int,
+                    limiter: anyio.CapacityLimiter, health: Health) -> Sequence[Notification]:
+    """The log past ``position``, retried with backoff while the database cannot be read (a
+    dropped PostgreSQL connection, a restart): the relay waits, as intake does, where the
+    error ended the coordinator."""
+    delay = 0.1
+    while True:
+        try:
+            return await anyio.to_thread.run_sync(ledger.read, position, page, limiter=limiter)
+        except (InterfaceError, OperationalError) as exc:
+            health.ledger_error(f"{type(exc).__name__}: {exc}")
+            log.error("relay: cannot read the ledger after position %d (retrying in %.1fs): "
+                      "%s", position, delay, exc)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 async def relay_rest(bus: Bus, ledger: Ledger, subjects: Subjects, page: int = 512) -> int:

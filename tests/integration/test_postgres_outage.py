@@ -116,3 +116,44 @@ async def test_the_coordinator_outlives_the_end_of_its_postgresql_sessions(
         ledger.close()
     assert state.breaks == []
     assert sorted(t.status for t in state.tasks.values()) == ["completed"] * 20
+
+
+async def test_sessions_ended_again_and_again_under_load_do_not_end_the_coordinator(
+        nats_server: EmbeddedNats, prefix: str, schema: str) -> None:
+    """Every 0.3 s, for 15 rounds, while tasks flow, then while it is quiet: the relay's
+    reads fail too, and are retried as intake's writes are (a failed read ended the
+    coordinator)."""
+    location = f"{DSN}{'&' if '?' in DSN else '?'}schema={schema}"
+    agent = Agent("triage")
+
+    @agent.on(SubmitTask)
+    async def finish(ctx: Context, task: SubmitTask) -> None:
+        await ctx.complete("done")
+
+    ids = {f"flow-{i:03d}" for i in range(150)}
+    async with system(nats_server, prefix, location, POLICY, agent) as bus:
+        async def submit_all() -> None:
+            for task_id in sorted(ids):
+                await say(bus, prefix, envelope("client", task_id,
+                                                SubmitTask(to="triage", title="flow")))
+                await anyio.sleep(0.02)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit_all)
+            for _ in range(15):
+                await anyio.sleep(0.3)
+                await anyio.to_thread.run_sync(end_the_coordinators_sessions, schema)
+        # And while it is quiet: the relay then reads the log itself each second.
+        for _ in range(4):
+            await anyio.to_thread.run_sync(end_the_coordinators_sessions, schema)
+            await anyio.sleep(1.3)
+        with anyio.fail_after(60):
+            while not ids <= await anyio.to_thread.run_sync(completed, location):  # noqa: ASYNC110
+                await anyio.sleep(0.3)
+    ledger = open_ledger(location, create=False)
+    try:
+        state = replay(ledger, helper=False)
+    finally:
+        ledger.close()
+    assert state.breaks == []
+    assert {k for k, t in state.tasks.items() if t.status == "completed"} == ids
