@@ -25,7 +25,7 @@ from coordinator.ledger.checkpoints import Checkpointer, load_signer
 from coordinator.ledger.events import LedgerEvent
 from coordinator.ledger.feed import CommitFeed
 from coordinator.ledger.owner import LedgerInUseError, WriterLock, holder_name, sole_writer
-from coordinator.ledger.store import Ledger, is_postgres, open_ledger, redacted
+from coordinator.ledger.store import Ledger, LedgerError, is_postgres, open_ledger, redacted
 from coordinator.ledger.writer import LedgerWriter
 from coordinator.ledger_writes import LedgerWrites
 from coordinator.metrics import serve_metrics
@@ -83,6 +83,25 @@ async def _refuse_a_second_coordinator(bus: Bus, subjects: Subjects) -> None:
             "--prefix")
 
 
+class LedgerBehindItsStreamError(LedgerError):
+    """The NATS streams hold more of the log than this ledger does."""
+
+
+async def _refuse_a_ledger_behind_its_stream(bus: Bus, subjects: Subjects, position: int,
+                                             location: str) -> None:
+    """Positions the ledger stream already holds are never relayed again, so a ledger that
+    ends before them (restored from an older backup, or a new one on old streams) would
+    record new tasks and deliver none of them, saying nothing."""
+    relayed = subjects.ledger_position(await bus.last_msg_id(subjects.ledger_stream))
+    if relayed > position:
+        raise LedgerBehindItsStreamError(
+            f"ledger {redacted(location)} ends at position {position}, but the NATS stream "
+            f"{subjects.ledger_stream} already holds its copies up to {relayed}: this is not "
+            f"the ledger those streams were made from, or it lost its newest events (restored "
+            f"from an older backup?). Start it with a new --prefix (fresh streams), or with "
+            f"the ledger that reaches {relayed}")
+
+
 async def _keep_the_lock(lock: WriterLock, every_s: float = LOCK_CHECK_S) -> None:
     """The ledger's lock can be lost under a running coordinator (PostgreSQL restarted, the
     lock file removed): take it again, or stop (LedgerInUseError) if another coordinator
@@ -133,6 +152,8 @@ async def _run(settings: CoordinatorSettings, lock: WriterLock,
         async with open_bus(bus_settings, on_bus_event) as bus:
             await _refuse_a_second_coordinator(bus, subjects)
             await bus.ensure_streams(streams(subjects, settings.policy.max_payload_bytes))
+            await _refuse_a_ledger_behind_its_stream(bus, subjects, health.ledger_position,
+                                                     settings.ledger)
             # A consumer made anew starts after what the ledger holds, unless the stream
             # holds less (it lost its tail in a crash before its sync): then after its end,
             # since the sequences past it will be handed to new messages.

@@ -210,6 +210,38 @@ async def test_a_second_coordinator_on_a_running_ledger_is_refused(
     assert not link.with_name("link.db.signing.nk").exists()
 
 
+async def test_a_ledger_behind_the_streams_it_is_started_on_is_refused(
+        nats_server: EmbeddedNats, prefix: str, tmp_path: Path) -> None:
+    """A new (or restored, older) ledger on streams that hold more of the log: its events
+    at those positions would never be relayed, and its tasks would stall in silence."""
+    first = tmp_path / "ledger.db"
+    common = ["--nats", nats_server.url, "--prefix", prefix, "--config", str(POLICY)]
+    coordinator = spawn("coordinator", ["coordinator", "run", *common, "--ledger", str(first)],
+                        tmp_path / "logs")
+    try:
+        async with open_bus(BusSettings(url=nats_server.url, name="test")) as bus:
+            await wait_ready(bus, Subjects(prefix), [coordinator])
+        done = await cli(nats_server, prefix, "submit", "--to", "triage", "--title", "x")
+        assert done.returncode == 0, done.stderr
+    finally:
+        await stop_all([coordinator])
+    fresh = tmp_path / "fresh.db"
+    done = await cli(nats_server, prefix, "coordinator", "run", "--ledger", str(fresh),
+                     "--config", str(POLICY))
+    assert done.returncode == 2, done.stderr
+    assert (f"error: ledger {fresh} ends at position 0, but the NATS stream "
+            f"{prefix.upper()}_LEDGER already holds its copies up to ") in done.stderr
+    assert "Start it with a new --prefix (fresh streams)" in done.stderr
+    # The ledger they were made from starts as before.
+    coordinator = spawn("coordinator-2", ["coordinator", "run", *common, "--ledger", str(first)],
+                        tmp_path / "logs", service="coordinator")
+    try:
+        async with open_bus(BusSettings(url=nats_server.url, name="test")) as bus:
+            await wait_ready(bus, Subjects(prefix), [coordinator])
+    finally:
+        await stop_all([coordinator])
+
+
 async def test_a_second_coordinator_on_another_ledger_but_the_same_nats_is_refused(
         running: Path, nats_server: EmbeddedNats, prefix: str) -> None:
     """Another ledger file (a wrong relative path, another working directory) on the same
