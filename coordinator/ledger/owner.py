@@ -212,7 +212,9 @@ def _postgres_holder(conn: Any, key: int) -> tuple[int, str, str] | None:
     row = conn.execute(
         "SELECT a.pid, a.application_name, a.client_addr FROM pg_locks l "
         "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-        "AND l.granted AND l.classid = %s AND l.objid = %s AND l.objsubid = 1",
+        "AND l.granted AND l.classid = %s AND l.objid = %s AND l.objsubid = 1 "
+        # advisory locks are per database: the same key in another one is another ledger's
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         (unsigned >> 32, unsigned & 0xFFFF_FFFF)).fetchone()
     if row is None:
         return None

@@ -874,6 +874,27 @@ class TestPostgresLedger(LedgerContract):
                               (unsigned >> 32, unsigned & 0xFFFF_FFFF)).fetchall()
         return [row[0] for row in rows]
 
+    def test_the_holder_named_is_the_one_in_this_database(self, location: str) -> None:
+        """Another database of the cluster, with a ledger in a schema of the same name,
+        has a lock of the same key, held by another deployment's coordinator: a second
+        coordinator here is told of this ledger's holder, not of that one (which it would
+        be told to stop)."""
+        schema = self._schema_of(location)
+        other = "lmtest_db_" + uuid.uuid4().hex[:10]
+        with self._admin() as db:
+            db.execute(f'CREATE DATABASE "{other}"')
+        try:
+            base = POSTGRES_DSN.split("?", 1)[0].rsplit("/", 1)[0]
+            with psycopg.connect(f"{base}/{other}", autocommit=True,
+                                 application_name="the other deployment's coordinator") as them:
+                them.execute("SELECT pg_advisory_lock(%s)", (advisory_key(schema),))
+                refused = pytest.raises(LedgerInUseError, match=f"pid {os.getpid()} on ")
+                with sole_writer(location), refused, sole_writer(location):
+                    pass
+        finally:
+            with self._admin() as db:
+                db.execute(f'DROP DATABASE IF EXISTS "{other}" WITH (FORCE)')
+
     def test_a_lock_whose_session_ended_is_taken_again_unless_another_has_it(
             self, location: str) -> None:
         """PostgreSQL ends the lock's session (a restart; here pg_terminate_backend), and
