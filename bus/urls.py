@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
-    """A URL (or a path) without its password, to show or log."""
-    password = urlsplit(url).password if "://" in url else None
-    return url.replace(f":{password}@", ":***@") if password else url
+    """A URL (or a path) without its password (user:password@, or ?password=), to show
+    or log."""
+    if "://" not in url:
+        return url
+    password = urlsplit(url).password
+    url = url.replace(f":{password}@", ":***@") if password else url
+    return _QUERY_PASSWORD.sub(r"\1***", url)

@@ -182,6 +182,14 @@ def ledger_env(location: str, create: bool = True) -> dict[str, str]:
         }
         if "schema" in query:
             env["POSTGRES_SCHEMA"] = query["schema"][0]
+        unread = sorted(set(query) - {"schema"})
+        if unread:
+            # Ignored, sslmode=verify-full would connect in plain text.
+            raise LedgerError(
+                f"ledger URL {redacted(location)}: {', '.join(unread)} "
+                f"{'is' if len(unread) == 1 else 'are'} not read here (only schema is): "
+                "give libpq's settings in its environment instead, e.g. PGSSLMODE=verify-full, "
+                "and the password as user:password@ or PGPASSWORD")
         return env
     return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": location,
             "CREATE_TABLE": "y"}
@@ -208,8 +216,11 @@ def open_ledger(location: str, *, create: bool) -> Ledger:
             _check_sqlite_ledger(path, empty_ok=create)
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
+    env = ledger_env(location, create)
+    if postgres:
+        _check_reachable(location, env)
     try:
-        ledger = Ledger(env=ledger_env(location, create))
+        ledger = Ledger(env=env)
     except Exception as exc:  # eventsourcing wraps driver errors in its own types
         raise LedgerError(f"cannot open ledger at {redacted(location)}: {exc}") from exc
     if postgres and not create:
@@ -220,6 +231,22 @@ def open_ledger(location: str, *, create: bool) -> Ledger:
             raise LedgerError(f"no ledger at {redacted(location)} (no ledgermesh tables "
                               "in that database/schema)") from None
     return ledger
+
+
+def _check_reachable(location: str, env: dict[str, str], timeout_s: int = 5) -> None:
+    """LedgerError with the server's own reason (no such database, refused, bad password)
+    within seconds: eventsourcing's pool says only that it had no connection after 30 s."""
+    import psycopg  # (only for a PostgreSQL ledger)
+
+    try:
+        psycopg.connect(host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"],
+                        dbname=env["POSTGRES_DBNAME"], user=env["POSTGRES_USER"],
+                        password=env["POSTGRES_PASSWORD"] or None,
+                        connect_timeout=timeout_s).close()
+    except psycopg.OperationalError as exc:
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise LedgerError(f"cannot open ledger at {redacted(location)}: "
+                          f"{reason or type(exc).__name__}") from None
 
 
 def _check_sqlite_ledger(path: Path, empty_ok: bool) -> None:

@@ -874,6 +874,13 @@ class TestPostgresLedger(LedgerContract):
                               (unsigned >> 32, unsigned & 0xFFFF_FFFF)).fetchall()
         return [row[0] for row in rows]
 
+    def test_a_database_that_is_not_there_is_said_at_once(self) -> None:
+        """An offline command on a mistyped database name: the server's own reason, where
+        the connection pool said only, after 30 s, that it had no connection."""
+        base = POSTGRES_DSN.split("?", 1)[0].rsplit("/", 1)[0]
+        with pytest.raises(LedgerError, match='database "lm_no_such_db" does not exist'):
+            open_ledger(f"{base}/lm_no_such_db", create=False)
+
     def test_the_holder_named_is_the_one_in_this_database(self, location: str) -> None:
         """Another database of the cluster, with a ledger in a schema of the same name,
         has a lock of the same key, held by another deployment's coordinator: a second
