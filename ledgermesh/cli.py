@@ -13,6 +13,7 @@ from pathlib import Path
 from schemas import LedgermeshError
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
+LEDGER_ENV = "LEDGERMESH_LEDGER"
 
 EPILOG = """\
 examples:
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "generate` (default: $LEDGERMESH_NKEY; none: connect without "
                             "credentials)")
 
+    def ledger_option(p: argparse.ArgumentParser, what: str) -> None:
+        # From the environment too: a PostgreSQL URL with its password stays out of the
+        # process list (and a unit's command line).
+        p.add_argument("--ledger", default=os.environ.get(LEDGER_ENV), metavar="LEDGER",
+                       help=f"{what} (default: ${LEDGER_ENV})")
+
     demo = commands.add_parser("demo", help="run embedded NATS, a coordinator and a team of "
                                "agents (each its own process), then replay and audit")
     demo.add_argument("--data-dir", type=Path, default=Path("ledgermesh-data"),
@@ -65,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     coord_run = coord_commands.add_parser("run", help="consume intake, record, relay (until "
                                           "SIGTERM)")
     nats_options(coord_run)
-    coord_run.add_argument("--ledger", required=True,
-                           help="SQLite file (created if missing) or postgresql://… URL")
+    ledger_option(coord_run, "SQLite file (created if missing) or postgresql://… URL")
     coord_run.add_argument("--config", type=Path, default=Path("ledgermesh.toml"),
                            help="policy file (default ./ledgermesh.toml)")
     coord_run.add_argument("--checkpoint-every", type=float, default=30.0, metavar="SECONDS",
@@ -77,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(e.g. 127.0.0.1:9464; :9464 for every interface; "
                                 "default: off)")
     coord_run.add_argument("--signing-key", type=Path, default=None, metavar="FILE",
-                           help="nkey seed that signs checkpoints (default: LEDGER.signing.nk "
-                                "next to a SQLite ledger, made on first start)")
+                           help="nkey seed that signs checkpoints, made there on first "
+                                "start (default: LEDGER.signing.nk next to a SQLite ledger; "
+                                "give one for PostgreSQL, or each start signs with a new key)")
 
     agent = commands.add_parser("agent", help="agent services")
     agent_commands = agent.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -152,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "closes; exit 0 if it completed, 1 if it failed")
 
     rep = commands.add_parser("replay", help="rebuild state from the ledger; digest; verify")
-    rep.add_argument("--ledger", required=True, help="SQLite file or postgresql://… URL")
+    ledger_option(rep, "SQLite file or postgresql://… URL")
     rep.add_argument("--to", type=int, default=None, metavar="N", help="stop at position N")
     rep.add_argument("--verify", action="store_true",
                      help="exit 1 if any hash chain is broken (names the position)")
@@ -183,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  ledgermesh export --ledger ledger.db --after 120000 --out next.jsonl"
                "   (incremental: after the last position exported before)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    exp.add_argument("--ledger", required=True, help="SQLite file or postgresql://… URL")
+    ledger_option(exp, "SQLite file or postgresql://… URL")
     exp.add_argument("--out", type=Path, default=None, metavar="FILE",
                      help="write here (complete or not at all; default: stdout)")
     exp.add_argument("--after", type=int, default=0, metavar="N",
@@ -204,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     rag.add_argument("spec", metavar="MODULE:ATTR",
                      help="the Agent to run, e.g. myapp.agents:writer (its name picks the "
                           "deliveries)")
-    rag.add_argument("--ledger", required=True, help="SQLite file or postgresql://… URL")
+    ledger_option(rag, "SQLite file or postgresql://… URL")
     rag.add_argument("--task", required=True, metavar="TASK_ID", help="the task to replay")
     rag.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -217,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     aud.add_argument("task_id", metavar="TASK_ID", nargs="?", default=None,
                      help="the task to tell (default: list the tasks)")
-    aud.add_argument("--ledger", required=True, help="SQLite file or postgresql://… URL")
+    ledger_option(aud, "SQLite file or postgresql://… URL")
     aud.add_argument("--agent", default=None, metavar="NAME",
                      help="list only the tasks this agent was assigned")
     aud.add_argument("--json", action="store_true", help="print one JSON object")
@@ -372,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "bench" and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.bench_args = extra
+    if getattr(args, "ledger", "") is None:
+        parser.error(f"--ledger is required (a SQLite file or postgresql://… URL; or set "
+                     f"{LEDGER_ENV})")
     service = getattr(args, "action", None) == "run"  # long-running: log what happens
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.INFO if service else logging.WARNING),

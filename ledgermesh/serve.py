@@ -15,7 +15,7 @@ from agents import load_agent
 from agents.runtime import AgentSettings, run_agent
 from agents.tools import ToolHostSettings, load_tool_host, run_tool_host
 from bus.faults import CrashPoints
-from coordinator.ledger.checkpoints import read_signer
+from coordinator.ledger.checkpoints import signer_at
 from coordinator.policy import load_policy
 from coordinator.service import CoordinatorSettings, run_coordinator
 from ledgermesh.auth import COORDINATOR, TOOLS, load_credentials
@@ -76,7 +76,7 @@ def coordinator_run(nats_url: str, ledger: str, config: Path, prefix: str,
                                    policy=load_policy(config), subjects=subjects,
                                    crash=CrashPoints.from_environment(),
                                    credentials=load_credentials(nkey, subjects, COORDINATOR),
-                                   signing_seed=(read_signer(signing_key).seed
+                                   signing_seed=(signer_at(signing_key).seed
                                                  if signing_key is not None else None),
                                    checkpoint_interval_s=checkpoint_every_s,
                                    metrics=address)

@@ -239,6 +239,11 @@ def load_signer(seed: str | None, ledger_location: str) -> Signer:
                     "run only (pass one so auditors can trust checkpoints across restarts)",
                     ledger_location.split("@")[-1])
         return Signer.generate()
+    return signer_at(path)
+
+
+def signer_at(path: Path) -> Signer:
+    """The key in ``path``, made there (mode 0600) if there is none yet."""
     if path.exists():
         return read_signer(path)
     signer = Signer.generate()
@@ -246,6 +251,8 @@ def load_signer(seed: str | None, ledger_location: str) -> Signer:
         write_signer(path, signer)
     except FileExistsError:  # another process just made one: use that
         return read_signer(path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write a signing key to {path}: {exc.strerror}") from None
     log.info("generated checkpoint signing key %s (public key %s)", path, signer.public_key)
     return signer
 

@@ -25,6 +25,7 @@ from coordinator.ledger.checkpoints import (
     read_signer,
     signature_problem,
     signed_message,
+    signer_at,
     signing_key_path,
     verify_key,
     write_checkpoint,
@@ -124,6 +125,18 @@ def test_the_key_file_is_made_once_private_and_reused(tmp_path: Path) -> None:
     path.write_text("garbage\n")
     with pytest.raises(CheckpointError, match=r"signing\.nk"):
         load_signer(None, db)
+
+
+def test_a_signing_key_file_given_is_made_on_first_use_and_kept(tmp_path: Path) -> None:
+    """``--signing-key FILE`` (PostgreSQL has no file beside the ledger): made there, mode
+    0600, then the same key at every start; a place it cannot be written is one line."""
+    path = tmp_path / "keys" / "checkpoints.nk"
+    first = signer_at(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert signer_at(path).public_key == first.public_key
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match=r"signing key.*afile/key\.nk"):
+        signer_at(tmp_path / "afile" / "key.nk")
 
 
 def test_checkpoints_round_trip_through_events_records_and_files(tmp_path: Path) -> None:
