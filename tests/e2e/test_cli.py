@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -421,6 +422,22 @@ def test_user_mistakes_get_one_clear_line(args: list[str], message: str) -> None
     assert done.stderr.startswith(message), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_ledger_may_come_from_the_environment(tmp_path: Path) -> None:
+    """``LEDGERMESH_LEDGER`` for ``--ledger``: a PostgreSQL URL's password stays out of the
+    process list. Neither given: one line saying what is missing."""
+    env = {k: v for k, v in os.environ.items() if k != "LEDGERMESH_LEDGER"}
+    done = subprocess.run([*CLI, "audit"], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL, check=False, env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("error: --ledger is required (a SQLite file or "
+                                        "postgresql://… URL; or set LEDGERMESH_LEDGER)")
+    done = subprocess.run([*CLI, "audit"], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL, check=False,
+                          env={**env, "LEDGERMESH_LEDGER": str(tmp_path / "none.db")})
+    assert done.stderr.strip() == (f"error: no ledger at {tmp_path / 'none.db'} (expected a "
+                                   "SQLite file made by ledgermesh, or postgresql://…)")
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
