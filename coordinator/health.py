@@ -44,6 +44,7 @@ class Health:
     events_recorded: int = 0
     last_error: str | None = None
     ledger_failing: bool = False
+    lock_problem: str | None = None  # the writer lock cannot be checked (database down)
     rejected: dict[str, int] = field(default_factory=dict)
     last_rejection: dict[str, str] = field(default_factory=dict)
     throttled: dict[str, int] = field(default_factory=dict)
@@ -73,8 +74,15 @@ class Health:
         self.last_error = text
         self.ledger_failing = True
 
+    def lock_checked(self, problem: str | None) -> None:
+        """The writer lock's periodic check: the database can be unreachable while
+        nothing is being recorded (no intake error to say so)."""
+        if problem is not None:
+            self.last_error = problem
+        self.lock_problem = problem
+
     def report(self) -> HealthReport:
-        ok = self.connected and not self.ledger_failing
+        ok = self.connected and not self.ledger_failing and self.lock_problem is None
         return HealthReport(status="ok" if ok else "degraded", connected=self.connected,
                             intake_position=self.intake_position,
                             ledger_position=self.ledger_position,

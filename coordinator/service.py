@@ -102,13 +102,14 @@ async def _refuse_a_ledger_behind_its_stream(bus: Bus, subjects: Subjects, posit
             f"the ledger that reaches {relayed}")
 
 
-async def _keep_the_lock(lock: WriterLock, every_s: float = LOCK_CHECK_S) -> None:
+async def _keep_the_lock(lock: WriterLock, health: Health,
+                         every_s: float = LOCK_CHECK_S) -> None:
     """The ledger's lock can be lost under a running coordinator (PostgreSQL restarted, the
     lock file removed): take it again, or stop (LedgerInUseError) if another coordinator
-    has it now."""
+    has it now. While it cannot be checked, status says degraded, and why."""
     while True:
         await anyio.sleep(every_s)
-        await anyio.to_thread.run_sync(lock.check)
+        health.lock_checked(await anyio.to_thread.run_sync(lock.check))
 
 
 async def _run(settings: CoordinatorSettings, lock: WriterLock,
@@ -177,7 +178,7 @@ async def _run(settings: CoordinatorSettings, lock: WriterLock,
                                            health, settings.batch_max, settings.crash,
                                            receipts=receipts))
                     await tg.start(serve_timer, writer, writes, doorbell, health)
-                    tg.start_soon(_keep_the_lock, lock)
+                    tg.start_soon(_keep_the_lock, lock, health)
                     await tg.start(partial(serve_checkpoints, writer, ledger, writes, doorbell,
                                            health, checkpointer,
                                            every_events=settings.checkpoint_every,

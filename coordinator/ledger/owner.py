@@ -48,8 +48,9 @@ def holder_name() -> str:
 
 
 class WriterLock(Protocol):
-    def check(self) -> None:
-        """LedgerInUseError if the lock was lost and another process holds it now."""
+    def check(self) -> str | None:
+        """Take the lock again if it was lost: LedgerInUseError if another process holds
+        it now; why it is not held (the database unreachable), or None."""
 
 
 @contextmanager
@@ -95,11 +96,11 @@ class _FileLock:
         os.pwrite(fd, f"{holder_name()}\n".encode(), 0)
         self._fd = fd
 
-    def check(self) -> None:
+    def check(self) -> str | None:
         try:
             named, held = os.stat(self._path), os.fstat(self._fd)
             if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
-                return  # the kernel's lock, on the file of that name: nothing to do
+                return None  # the kernel's lock, on the file of that name: nothing to do
         except FileNotFoundError:
             pass
         log.warning("the ledger's lock file %s was removed or replaced: taking it again",
@@ -107,6 +108,7 @@ class _FileLock:
         held_before = self._fd
         self.acquire()  # LedgerInUseError if another coordinator locked the new file
         os.close(held_before)
+        return None
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -182,13 +184,13 @@ class _PostgresLock:
                 return holder
             time.sleep(0.1)  # (a holder that just went: try again)
 
-    def check(self) -> None:
+    def check(self) -> str | None:
         import psycopg
 
         if self._conn is not None:
             try:
                 self._conn.execute("SELECT 1")
-                return
+                return None
             except psycopg.Error:
                 self.release()
             log.warning("the connection holding the ledger's lock was lost: taking it again")
@@ -198,6 +200,8 @@ class _PostgresLock:
             raise
         except LedgerError as exc:  # unreachable: so is the ledger; try again next time
             log.warning("%s", exc)
+            return str(exc)
+        return None
 
     def release(self) -> None:
         if self._conn is not None:

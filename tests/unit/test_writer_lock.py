@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bus.embedded import free_port
+from coordinator.health import Health
 from coordinator.ledger.owner import LedgerInUseError, WriterLock, _PostgresLock, sole_writer
 from coordinator.ledger.store import LedgerError
 
@@ -85,3 +86,17 @@ def test_the_lock_is_released_with_its_block(tmp_path: Path) -> None:
     with sole_writer(ledger):
         pass
     os.close(_lock_elsewhere(tmp_path / "ledger.db.lock"))  # (BlockingIOError if still held)
+
+
+def test_a_lock_that_cannot_be_checked_says_why_and_the_coordinator_is_degraded() -> None:
+    """The PostgreSQL server gone while nothing is recorded: no intake error says so, so
+    the lock's periodic check does (status said ok)."""
+    lock = _PostgresLock(f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    problem = lock.check()
+    assert problem is not None
+    assert problem.startswith("cannot reach the PostgreSQL ledger to lock it")
+    health = Health()
+    health.lock_checked(problem)
+    assert (health.report().status, health.report().last_error) == ("degraded", problem)
+    health.lock_checked(None)  # reached again, and locked
+    assert health.report().status == "ok"
