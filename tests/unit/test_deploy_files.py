@@ -29,7 +29,7 @@ def yaml_command_lines(path: Path) -> list[list[str]]:
 def systemd_command_lines(path: Path, instance: str) -> tuple[list[str], dict[str, str]]:
     """ExecStart's arguments after the program, with ``Environment=`` values put in."""
     text = path.read_text().replace("\\\n", " ")
-    env = dict(re.findall(r"^Environment=(\w+)=(\S+)$", text, re.MULTILINE))
+    env: dict[str, str] = dict(re.findall(r"^Environment=(\w+)=(\S+)$", text, re.MULTILINE))
     [start] = re.findall(r"^ExecStart=\S+ (.*)$", text, re.MULTILINE)
 
     def value(name: str) -> str:
