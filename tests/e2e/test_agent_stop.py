@@ -15,6 +15,7 @@ from bus.embedded import EmbeddedNats
 from coordinator.service import utc_now
 from ledgermesh.processes import Child, spawn, stop_all, wait_ready
 from schemas import Codec, Envelope, Subjects, SubmitTask
+from tests.live import envelope, say
 
 POLICY = """submitters = ["client"]
 [agents.slowpoke]
@@ -119,10 +120,8 @@ async def test_sigterm_hands_back_what_was_sent_ahead(nats_server: EmbeddedNats,
         async with open_bus(BusSettings(url=nats_server.url, name="test")) as bus:
             await wait_ready(bus, subjects, children)
             for task_id in tasks:
-                submit = Envelope(id=f"s-{task_id}", sender="client", task_id=task_id,
-                                  sent_at=utc_now(), body=SubmitTask(to="slowpoke", title="x"))
-                await bus.publish(subjects.intake("client"), Codec().encode(submit),
-                                  msg_id=submit.id)
+                await say(bus, prefix, envelope("client", task_id,
+                                                SubmitTask(to="slowpoke", title="x")))
             await until(lambda: all("task.assigned" in kinds(ledger, t) for t in tasks), 20)
             await until(lambda: any("message.said" in kinds(ledger, t) for t in tasks), 20)
             first = children[1]

@@ -16,7 +16,8 @@ from bus.client import BusSettings, open_bus
 from bus.embedded import EmbeddedNats
 from coordinator.service import utc_now
 from ledgermesh.processes import Child, spawn, stop_all, wait_ready
-from schemas import Codec, Delivery, Envelope, Subjects, SubmitTask
+from schemas import Delivery, Envelope, Subjects, SubmitTask
+from tests.live import envelope, say
 
 POLICY = """submitters = ["client"]
 [agents.forgetful]
@@ -63,10 +64,8 @@ async def test_a_handler_that_returns_without_finishing_fails_the_attempt_at_onc
     try:
         async with open_bus(BusSettings(url=nats_server.url, name="test")) as bus:
             await wait_ready(bus, subjects, children)
-            submit = Envelope(id="s-1", sender="client", task_id="t-forgot", sent_at=utc_now(),
-                              body=SubmitTask(to="forgetful", title="summarise"))
-            await bus.publish(subjects.intake("client"), Codec().encode(submit),
-                              msg_id=submit.id)
+            await say(bus, prefix, envelope("client", "t-forgot",
+                                            SubmitTask(to="forgetful", title="summarise")))
             with anyio.fail_after(20):  # the deadline is 60 s: this is no timeout
                 while "task.dead_lettered" not in [  # noqa: ASYNC110 - the ledger is polled
                         k for k, _ in events(ledger, "t-forgot")]:

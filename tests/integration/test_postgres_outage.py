@@ -17,7 +17,7 @@ import pytest
 from agents import Agent, Context
 from bus.embedded import EmbeddedNats
 from coordinator.ledger.owner import holder_name
-from coordinator.ledger.replay import replay
+from coordinator.ledger.replay import Replay, replay
 from coordinator.ledger.store import open_ledger
 from coordinator.policy import parse_policy
 from schemas import SubmitTask
@@ -46,13 +46,16 @@ def schema() -> Iterator[str]:
             db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
-def completed(location: str) -> set[str]:
+def replayed(location: str) -> Replay:
     ledger = open_ledger(location, create=False)
     try:
-        return {k for k, t in replay(ledger, helper=False).tasks.items()
-                if t.status == "completed"}
+        return replay(ledger, helper=False)
     finally:
         ledger.close()
+
+
+def completed(location: str) -> set[str]:
+    return {k for k, t in replayed(location).tasks.items() if t.status == "completed"}
 
 
 def end_the_coordinators_sessions(schema: str) -> int:
@@ -109,11 +112,7 @@ async def test_the_coordinator_outlives_the_end_of_its_postgresql_sessions(
                 if lock_sessions() == 1:
                     break
                 await anyio.sleep(0.2)
-    ledger = open_ledger(location, create=False)
-    try:
-        state = replay(ledger, helper=False)
-    finally:
-        ledger.close()
+    state = replayed(location)
     assert state.breaks == []
     assert sorted(t.status for t in state.tasks.values()) == ["completed"] * 20
 
@@ -150,10 +149,6 @@ async def test_sessions_ended_again_and_again_under_load_do_not_end_the_coordina
         with anyio.fail_after(60):
             while not ids <= await anyio.to_thread.run_sync(completed, location):  # noqa: ASYNC110
                 await anyio.sleep(0.3)
-    ledger = open_ledger(location, create=False)
-    try:
-        state = replay(ledger, helper=False)
-    finally:
-        ledger.close()
+    state = replayed(location)
     assert state.breaks == []
     assert {k for k, t in state.tasks.items() if t.status == "completed"} == ids
