@@ -570,7 +570,7 @@ class Bus:
         pending: OrderedDict[str, list[float]] = OrderedDict()
         ended = [anyio.Event()]  # set when a request ends: time to ask for more
         missing = [False]  # the server said the consumer does not exist (yet)
-        handing_back = [False]  # pulling stopped: what still arrives goes back at once
+        handing_back = [False]  # pulling stopped: what still arrives goes back (a nak)
         waiting: set[anyio.CancelScope] = set()  # arrivals waiting for room in ``out``
         arriving = [0]
 

@@ -44,7 +44,9 @@ class Health:
     events_recorded: int = 0
     last_error: str | None = None
     ledger_failing: bool = False
-    lock_problem: str | None = None  # the writer lock cannot be checked (database down)
+    # What a part says is wrong now (the writer lock's check, the relay's reads), until
+    # it says otherwise: the database can be down while nothing is recorded.
+    problems: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     last_rejection: dict[str, str] = field(default_factory=dict)
     throttled: dict[str, int] = field(default_factory=dict)
@@ -74,15 +76,15 @@ class Health:
         self.last_error = text
         self.ledger_failing = True
 
-    def lock_checked(self, problem: str | None) -> None:
-        """The writer lock's periodic check: the database can be unreachable while
-        nothing is being recorded (no intake error to say so)."""
-        if problem is not None:
-            self.last_error = problem
-        self.lock_problem = problem
+    def problem(self, part: str, text: str | None) -> None:
+        """``part``'s problem now (None: none)."""
+        if text is None:
+            self.problems.pop(part, None)
+        else:
+            self.problems[part] = self.last_error = text
 
     def report(self) -> HealthReport:
-        ok = self.connected and not self.ledger_failing and self.lock_problem is None
+        ok = self.connected and not self.ledger_failing and not self.problems
         return HealthReport(status="ok" if ok else "degraded", connected=self.connected,
                             intake_position=self.intake_position,
                             ledger_position=self.ledger_position,

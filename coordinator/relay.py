@@ -195,9 +195,11 @@ async def _read_log(ledger: Ledger, position: int, page: int,
     delay = 0.1
     while True:
         try:
-            return await anyio.to_thread.run_sync(ledger.read, position, page, limiter=limiter)
+            read = await anyio.to_thread.run_sync(ledger.read, position, page, limiter=limiter)
+            health.problem("relay", None)
+            return read
         except (InterfaceError, OperationalError) as exc:
-            health.ledger_error(f"{type(exc).__name__}: {exc}")
+            health.problem("relay", f"{type(exc).__name__}: {exc}")
             log.error("relay: cannot read the ledger after position %d (retrying in %.1fs): "
                       "%s", position, delay, exc)
             await anyio.sleep(delay)

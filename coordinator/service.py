@@ -109,7 +109,7 @@ async def _keep_the_lock(lock: WriterLock, health: Health,
     has it now. While it cannot be checked, status says degraded, and why."""
     while True:
         await anyio.sleep(every_s)
-        health.lock_checked(await anyio.to_thread.run_sync(lock.check))
+        health.problem("lock", await anyio.to_thread.run_sync(lock.check))
 
 
 async def _run(settings: CoordinatorSettings, lock: WriterLock,

@@ -96,7 +96,7 @@ def test_a_lock_that_cannot_be_checked_says_why_and_the_coordinator_is_degraded(
     assert problem is not None
     assert problem.startswith("cannot reach the PostgreSQL ledger to lock it")
     health = Health()
-    health.lock_checked(problem)
+    health.problem("lock", problem)
     assert (health.report().status, health.report().last_error) == ("degraded", problem)
-    health.lock_checked(None)  # reached again, and locked
+    health.problem("lock", None)  # reached again, and locked
     assert health.report().status == "ok"
