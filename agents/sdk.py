@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -229,6 +230,8 @@ def import_attr(spec: str, kind: type[T], example: str) -> T:
     except ImportError as exc:
         raise AgentLoadError(f"cannot import {module_name!r}: {exc}"
                              + _hidden(module_name)) from exc
+    except Exception as exc:  # the module's own code failed as it ran (--debug: traceback)
+        raise AgentLoadError(f"cannot import {module_name!r}: {_failed_at(exc)}") from exc
     found = getattr(module, attr, None)
     if isinstance(found, kind):
         return found
@@ -238,6 +241,16 @@ def import_attr(spec: str, kind: type[T], example: str) -> T:
              else f"; {module_name} has no {kind.__name__}")
     got = "nothing" if found is None else type(found).__name__
     raise AgentLoadError(f"{spec} is {got}, not {article} {kind.__name__}{offer}")
+
+
+def _failed_at(exc: Exception) -> str:
+    """``NameError: name 'x' is not defined (myapp/team.py:12)``: the error, and where in
+    the importing code it was raised."""
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}:{exc.lineno})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def _hidden(module_name: str) -> str:

@@ -599,6 +599,31 @@ def test_the_console_script_imports_agents_from_the_current_directory(tmp_path: 
     assert "nowhere.db" in done.stderr  # got as far as the ledger: the agent was loaded
 
 
+def test_an_agent_module_that_fails_as_it_loads_is_one_line_naming_where(
+        tmp_path: Path) -> None:
+    """A bug in one's own module (a NameError, a SyntaxError): the error and its file:line,
+    not the framework's traceback; --debug shows that."""
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "team.py").write_text("from agents import Agent\nprint(nope)\n")
+    (tmp_path / "myapp" / "bad.py").write_text("def f(:\n    pass\n")
+    script = Path(sys.executable).parent / "ledgermesh"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(script), *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+
+    done = run("agent", "run", "myapp.team:x")
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: cannot import 'myapp.team': NameError: name 'nope' "
+                                   f"is not defined ({tmp_path / 'myapp' / 'team.py'}:2)")
+    done = run("agent", "run", "myapp.bad:x")
+    assert done.stderr.strip() == ("error: cannot import 'myapp.bad': SyntaxError: invalid "
+                                   f"syntax ({tmp_path / 'myapp' / 'bad.py'}:1)")
+    done = run("agent", "run", "myapp.team:x", "--debug")
+    assert "Traceback" in done.stderr
+    assert "NameError: name 'nope' is not defined" in done.stderr
+
+
 def test_a_folder_named_like_a_package_of_ledgermesh_does_not_break_it(tmp_path: Path) -> None:
     """An ``agents/`` folder of one's own (no ``__init__.py``: a namespace package) or a
     ``bus.py`` in the current directory stood in for ledgermesh's own packages: commands
