@@ -29,7 +29,13 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
 
-from coordinator.ledger.store import LedgerError, check_location, is_postgres, ledger_env
+from coordinator.ledger.store import (
+    LedgerError,
+    check_location,
+    connection_args,
+    is_postgres,
+    ledger_env,
+)
 
 log = logging.getLogger("ledgermesh.coordinator.ledger")
 
@@ -140,9 +146,7 @@ class _PostgresLock:
 
         env = self._env
         try:
-            conn = psycopg.connect(host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"],
-                                   dbname=env["POSTGRES_DBNAME"], user=env["POSTGRES_USER"],
-                                   password=env["POSTGRES_PASSWORD"] or None,
+            conn = psycopg.connect(**connection_args(env),
                                    application_name=holder_name(), autocommit=True,
                                    connect_timeout=10, keepalives=1, keepalives_idle=10,
                                    keepalives_interval=5, keepalives_count=3,

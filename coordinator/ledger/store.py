@@ -233,16 +233,20 @@ def open_ledger(location: str, *, create: bool) -> Ledger:
     return ledger
 
 
+def connection_args(env: dict[str, str]) -> dict[str, Any]:
+    """psycopg's connection arguments for a PostgreSQL ledger's ``ledger_env``."""
+    return {"host": env["POSTGRES_HOST"], "port": env["POSTGRES_PORT"],
+            "dbname": env["POSTGRES_DBNAME"], "user": env["POSTGRES_USER"],
+            "password": env["POSTGRES_PASSWORD"] or None}
+
+
 def _check_reachable(location: str, env: dict[str, str], timeout_s: int = 5) -> None:
     """LedgerError with the server's own reason (no such database, refused, bad password)
     within seconds: eventsourcing's pool says only that it had no connection after 30 s."""
     import psycopg  # (only for a PostgreSQL ledger)
 
     try:
-        psycopg.connect(host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"],
-                        dbname=env["POSTGRES_DBNAME"], user=env["POSTGRES_USER"],
-                        password=env["POSTGRES_PASSWORD"] or None,
-                        connect_timeout=timeout_s).close()
+        psycopg.connect(**connection_args(env), connect_timeout=timeout_s).close()
     except psycopg.OperationalError as exc:
         reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         raise LedgerError(f"cannot open ledger at {redacted(location)}: "
